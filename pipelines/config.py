@@ -1,0 +1,236 @@
+"""Typed access to ``params.yaml``.
+
+Each stage reads its own block plus the shared ones (``seed``, ``data``, ``mlflow``).
+Blocks are dataclasses: an unknown key, a missing required key or a value of the wrong
+type is a ``DataError`` that names the file, the dotted key and the fix — a typo in
+``params.yaml`` must never silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipelines.io import DataError
+
+
+@dataclass(frozen=True)
+class DataParams:
+    name: str = "demo"
+    adapter: str = "votes_csv"
+    labels: str = "data/demo/labels.csv"
+    images: str = "data/demo/images"
+    comments: str = "data/demo/comments.jsonl"
+    comments_format: str = "auto"
+    # Binary-accuracy threshold on the data set's own 1..L scale (AVA convention: 5).
+    threshold: float = 5.0
+
+
+@dataclass(frozen=True)
+class DemoParams:
+    n_images: int = 360
+    image_size: int = 224
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EmbedParams:
+    model: str = "ViT-B-32"
+    pretrained: str = "laion2b_s34b_b79k"
+    # Demo only: use random weights when the hub cannot be reached. Real-data params
+    # must leave this off so that nobody trains on random features by accident.
+    allow_random_fallback: bool = False
+    batch_size: int = 64
+    num_workers: int = 2
+    chunk_rows: int = 512
+    precision: str = "auto"
+
+
+@dataclass(frozen=True)
+class FeaturesParams:
+    n_clusters: int = 8
+    # Multiply cosine similarities by CLIP's logit scale, as the TMCR authors' code does.
+    logit_scale: bool = True
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    low: int = 2
+    high: int = 9
+    n_per_bin: int | str = "auto"
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Ray Train settings shared by the training stages."""
+
+    num_workers: int = 1  # 0 = Ray Train local mode (same process); >= 1 = Ray worker actors
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+
+
+@dataclass(frozen=True)
+class PretrainParams:
+    epochs: int = 20
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    tau: float = 0.07
+    hidden: int = 512
+    dim: int = 128
+    dropout: float = 0.1
+    batches_per_cluster: int = 30
+    ray: TrainParams = field(default_factory=TrainParams)
+
+
+@dataclass(frozen=True)
+class HeadParams:
+    protocol: str = "linear_probe"  # linear_probe | fine_tune (of the CR encoder)
+    epochs: int = 30
+    lr: float = 1e-3
+    lr_decay: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 64
+    tm_dim: int = 128
+    cr_dim: int = 128
+    hidden: int = 256
+    dropout: float = 0.2
+    emd_r: int = 2
+    use_tm: bool = True
+    use_cr: bool = True
+    tfa: bool = True
+    tfa_tau1: float = 0.5
+    tfa_tau2: float = 2.0
+    tfa_n_mix: int = 1
+    flsa: bool = True
+    flsa_weight: float = 0.1
+    ray: TrainParams = field(default_factory=TrainParams)
+
+
+@dataclass(frozen=True)
+class PseudoSearchParams:
+    val_fraction: float = 1.0
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 2.0])
+    thresholds: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4, 0.5, 0.6])
+    min_selected: float = 0.2  # fraction of the validation subset the chosen pair must keep
+
+
+@dataclass(frozen=True)
+class SelftrainParams:
+    epochs: int = 15
+    lr: float = 5e-4
+    unlabeled_weight: float = 1.0
+    ray: TrainParams = field(default_factory=TrainParams)
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    tsne_max_points: int = 600
+    register: bool = True
+
+
+@dataclass(frozen=True)
+class MlflowParams:
+    tracking_uri: str = "sqlite:///mlruns/mlflow.db"
+    artifact_root: str = "mlruns/artifacts"
+    experiment: str = "iaa-tmcr"
+    model_name: str = "tmcr"
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = 0
+    data: DataParams = field(default_factory=DataParams)
+    demo: DemoParams = field(default_factory=DemoParams)
+    tags: dict = field(default_factory=dict)  # validated by pipelines.tags
+    embed: EmbedParams = field(default_factory=EmbedParams)
+    features: FeaturesParams = field(default_factory=FeaturesParams)
+    index: IndexParams = field(default_factory=IndexParams)
+    pretrain: PretrainParams = field(default_factory=PretrainParams)
+    head: HeadParams = field(default_factory=HeadParams)
+    pseudo_search: PseudoSearchParams = field(default_factory=PseudoSearchParams)
+    selftrain: SelftrainParams = field(default_factory=SelftrainParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    mlflow: MlflowParams = field(default_factory=MlflowParams)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: params file not found; run from the repository root.")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise DataError(f"{path}: not valid YAML ({exc}).") from exc
+    return _build(Params, raw, str(path), "")
+
+
+def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise DataError(f"{source}: '{prefix or '<top>'}' must be a mapping, got {raw!r}.")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        where = ", ".join(f"'{prefix}{k}'" for k in unknown)
+        raise DataError(
+            f"{source}: unknown param {where}; known keys under "
+            f"'{prefix.rstrip('.') or '<top>'}': {', '.join(sorted(known))}. Fix the spelling or remove it."
+        )
+    values = {}
+    for name, value in raw.items():
+        values[name] = _coerce(hints[name], value, source, f"{prefix}{name}")
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, source, key + ".")
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _coerce(option, value, source, key)
+            except DataError:
+                continue
+        raise DataError(f"{source}: '{key}' = {value!r} is not a valid {hint}.")
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise DataError(f"{source}: '{key}' must be a list, got {value!r}.")
+        return [_coerce(item, v, source, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is dict:
+        if not isinstance(value, dict):
+            raise DataError(f"{source}: '{key}' must be a mapping, got {value!r}.")
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise DataError(f"{source}: '{key}' must be true or false, got {value!r}.")
+    if hint in (int, float) and isinstance(value, bool):
+        raise DataError(f"{source}: '{key}' must be a number, got {value!r}.")
+    if not isinstance(value, hint):
+        raise DataError(f"{source}: '{key}' must be {hint.__name__}, got {value!r}.")
+    return value
+
+
+def as_dict(obj: Any) -> dict:
+    """A dataclass as a plain dict (for MLflow params and model cards)."""
+    return dataclasses.asdict(obj)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}} -> {"a.b": 1}``: MLflow params are flat."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -1,0 +1,155 @@
+"""Run a training loop through Ray Train, with stage-level resume.
+
+``num_workers = 0`` is Ray Train's local mode (the loop runs in this process, no actors:
+fast tests); ``>= 1`` starts that many Ray worker actors, on this machine or on the
+cluster named by ``RAY_ADDRESS``. The loop code is the same either way.
+
+Two kinds of resume:
+- a worker that dies mid-run is restarted by Ray (``FailureConfig``) from the last
+  checkpoint it reported (``ray.train.get_checkpoint()``);
+- a stage killed from outside (Ctrl-C, OOM, a preempted node) leaves
+  ``<runs>/<stage>-<fingerprint>/checkpoint/state.pt``; rerunning the stage with the same config
+  and inputs continues from it. The fingerprint hashes the config and input files, so
+  changed inputs never resume stale state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from pipelines.config import TrainParams
+from pipelines.io import atomic_path
+
+STATE_FILE = "state.pt"
+
+
+def fingerprint(config: dict[str, Any], inputs: list[str]) -> str:
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for path in inputs:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:12]
+
+
+def runs_dir() -> Path:
+    return Path(os.environ.get("IAA_RUNS_DIR", "runs")).resolve()
+
+
+def _ensure_ray(params: TrainParams) -> None:
+    import ray
+
+    if params.num_workers == 0 or ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        need = params.num_workers * params.cpus_per_worker
+        ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1), include_dashboard=False)
+
+
+def run_training(
+    loop: Callable[[dict], None],
+    config: dict[str, Any],
+    ray_params: TrainParams,
+    *,
+    stage: str,
+    inputs: list[str],
+    max_failures: int = 2,
+) -> dict[str, Any]:
+    """Fit ``loop`` with Ray Train; return the final state dict the loop checkpointed."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    fp = fingerprint(config, inputs)
+    run_name = f"{stage}-{fp}"
+    resume = runs_dir() / run_name / "checkpoint" / STATE_FILE
+    config = {**config, "resume_path": str(resume)}
+    _ensure_ray(ray_params)
+    resources = {"CPU": ray_params.cpus_per_worker}
+    if ray_params.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(
+            num_workers=ray_params.num_workers, use_gpu=ray_params.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(runs_dir() / "ray"),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"{stage}: Ray Train finished without a checkpoint ({result.error})")
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+    shutil.rmtree(resume.parent.parent, ignore_errors=True)
+    return state
+
+
+# ---- helpers used inside the loops (on every worker) -------------------------------------
+
+
+def worker_info() -> tuple[int, int, torch.device]:
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+
+
+def load_resume_state(config: dict) -> dict | None:
+    """The state to continue from: Ray's restored checkpoint, else the stage's resume file."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+    path = Path(config["resume_path"])
+    if path.exists():
+        return torch.load(path, map_location="cpu", weights_only=False)
+    return None
+
+
+def report_epoch(metrics: dict[str, float], state: dict | None, config: dict, rank: int) -> None:
+    """Report one epoch to Ray Train; rank 0 attaches the checkpoint.
+
+    The checkpoint directory is also the stage's resume point (replaced atomically each
+    epoch); Ray copies it to ``storage_path`` (local mode refers to it in place).
+    Every worker must call this the same number of times (it is a barrier).
+    """
+    import ray.train
+    from ray.train import Checkpoint
+
+    if rank != 0 or state is None:
+        ray.train.report(metrics)
+        return
+    path = Path(config["resume_path"])
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(path.parent)))
+
+
+def sync_gradients(model: torch.nn.Module, world: int) -> None:
+    """Average gradients across workers (explicit data parallelism, as DDP does)."""
+    if world <= 1:
+        return
+    import torch.distributed as dist
+
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world

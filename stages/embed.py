@@ -1,0 +1,70 @@
+"""Stage `embed`: open_clip embeddings of every manifest image and every tag.
+
+The image cache is chunked and resumable (a killed run continues where it stopped);
+`card.json` records which weights were used so later stages can stamp their results.
+"""
+
+import hashlib
+
+import torch
+
+from pipelines.data.manifest import read_manifest
+from pipelines.embed.clip import load_clip
+from pipelines.embed.encode import embed_images, embed_texts, write_text_embeddings
+from pipelines.io import DataError, write_json
+from stages.common import CARD, EMBED, IMAGE_EMB, MANIFEST, TAG_EMB, TAGS, cli, params
+
+
+def read_tags(kind: str) -> list[str]:
+    path = TAGS / f"{kind}.txt"
+    if not path.exists():
+        raise DataError(f"{path}: tag library not found; run `dvc repro tags`.")
+    return [t for t in path.read_text(encoding="utf-8").splitlines() if t.strip()]
+
+
+@cli
+def main() -> None:
+    p = params()
+    e = p.embed
+    torch.manual_seed(p.seed)  # random-init weights (pretrained: none / fallback) are reproducible
+    bundle = load_clip(e.model, e.pretrained, allow_random_fallback=e.allow_random_fallback)
+    manifest = read_manifest(MANIFEST)
+    fingerprint = {
+        "model": bundle.name,
+        "weights": bundle.weights,
+        "init_seed": p.seed,
+        "manifest_sha256": hashlib.sha256(MANIFEST.read_bytes()).hexdigest(),
+    }
+    report = embed_images(
+        bundle,
+        list(zip(manifest["image_id"], manifest["path"])),
+        IMAGE_EMB,
+        batch_size=e.batch_size,
+        num_workers=e.num_workers,
+        chunk_rows=e.chunk_rows,
+        precision=e.precision,
+        fingerprint=fingerprint,
+    )
+    semantic, attribute = read_tags("semantic"), read_tags("attribute")
+    tags = semantic + attribute
+    kinds = ["semantic"] * len(semantic) + ["attribute"] * len(attribute)
+    write_text_embeddings(TAG_EMB, tags, kinds, embed_texts(bundle, tags))
+    write_json(EMBED / "report.json", report)
+    write_json(
+        CARD,
+        {
+            "model": e.model,
+            "pretrained": e.pretrained,
+            "weights": bundle.weights,
+            "random_weights": bundle.random_weights,
+            "init_seed": p.seed,
+            "embed_dim": bundle.embed_dim,
+            "logit_scale": float(bundle.model.logit_scale.exp()),
+            "n_semantic": len(semantic),
+            "n_attribute": len(attribute),
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

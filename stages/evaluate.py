@@ -1,0 +1,153 @@
+"""Stage `evaluate`: test metrics of the head and the self-trained model, plots, model registry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipelines.io import DataError, atomic_path, write_json
+from pipelines.metrics import dist_to_score, evaluate, lmh_mae, srcc
+from pipelines.tracking.runs import stage_run, weights_tags
+from pipelines.tracking.scoring import log_scoring_model, make_bundle, promote
+from pipelines.embed.encode import read_text_embeddings
+from pipelines.train.data import load_features
+from pipelines.train.loops import load_head, predict_logits
+from stages.common import FEATURES, METRICS, MODELS, PLOTS, TAG_EMB, cli, params, stamp, weights_card
+
+MODEL_FILES = {"head": MODELS / "head.pt", "selftrain": MODELS / "selftrain.pt"}
+
+
+def predict_probs(model, fs) -> np.ndarray:
+    return torch.softmax(torch.from_numpy(predict_logits(model, fs.tm, fs.emb)), 1).numpy()
+
+
+def plot_scatter(path, true, preds: dict[str, np.ndarray], warning: str | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, pred in preds.items():
+        ax.scatter(true, pred, s=10, alpha=0.6, label=f"{name} (SRCC {srcc(pred, true):.3f})")
+    lo, hi = float(np.min(true)), float(np.max(true))
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+    ax.set(xlabel="true mean score", ylabel="predicted mean score", title="test set")
+    ax.legend(fontsize=8)
+    if warning:
+        fig.suptitle(warning, fontsize=6, color="red")
+    _save(fig, path)
+
+
+def plot_regions(path, rows: list[dict], warning: str | None) -> None:
+    import matplotlib.pyplot as plt
+
+    df = pd.DataFrame(rows).pivot(index="region", columns="model", values="mae").loc[["L", "M", "H"]]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    df.plot.bar(ax=ax, rot=0)
+    ax.set(ylabel="MAE", title="error by score region (ELTA: bottom 20% / middle 60% / top 20%)")
+    if warning:
+        fig.suptitle(warning, fontsize=6, color="red")
+    _save(fig, path)
+
+
+def plot_tsne(path, spaces: dict[str, np.ndarray], score: np.ndarray, seed: int, warning: str | None) -> None:
+    import matplotlib.pyplot as plt
+    from sklearn.manifold import TSNE
+
+    fig, axes = plt.subplots(1, len(spaces), figsize=(4 * len(spaces), 4))
+    for ax, (name, x) in zip(np.atleast_1d(axes), spaces.items()):
+        perplexity = float(min(30, max(2, (len(x) - 1) // 3)))
+        xy = TSNE(2, perplexity=perplexity, random_state=seed, init="pca").fit_transform(x)
+        sc = ax.scatter(xy[:, 0], xy[:, 1], c=score, s=8, cmap="viridis")
+        ax.set_title(f"{name} space")
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.colorbar(sc, ax=axes, label="mean score")
+    if warning:
+        fig.suptitle(warning, fontsize=6, color="red")
+    _save(fig, path)
+
+
+def _save(fig, path) -> None:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    plt.close(fig)
+
+
+@cli
+def main() -> None:
+    p = params()
+    card = weights_card()
+    warning = stamp({}, card).get("WARNING")
+    feats = load_features(FEATURES)
+    train, val, test = feats.split_of("train"), feats.split_of("val"), feats.split_of("test")
+    if len(test) < 3:
+        raise DataError(f"{FEATURES}: only {len(test)} test images; evaluation needs at least 3.")
+    models = {name: load_head(path) for name, path in MODEL_FILES.items()}
+    results, preds, region_rows, val_srcc = {}, {}, [], {}
+    for name, model in models.items():
+        probs = predict_probs(model, test)
+        results[name] = evaluate(probs, test.dist, train.score, threshold=p.data.threshold, seed=p.seed)
+        preds[name] = dist_to_score(probs)
+        region_rows += [{"model": name, "region": k, "mae": v} for k, v in lmh_mae(preds[name], test.score).items()]
+        val_srcc[name] = float(srcc(dist_to_score(predict_probs(model, val)), val.score)) if len(val) >= 3 else float("nan")
+    best = max(val_srcc, key=lambda k: -np.inf if np.isnan(val_srcc[k]) else val_srcc[k])
+    metrics = stamp({**results, "registered_model": best, "val_srcc": val_srcc}, card)
+    write_json(METRICS / "eval.json", metrics)
+
+    PLOTS.mkdir(exist_ok=True)
+    pred_table = pd.DataFrame({"image_id": test.image_id, "true": test.score, **{f"pred_{k}": v for k, v in preds.items()}})
+    with atomic_path(PLOTS / "pred_vs_true.csv") as tmp:
+        pred_table.to_csv(tmp, index=False)
+    with atomic_path(PLOTS / "region_mae.csv") as tmp:
+        pd.DataFrame(region_rows).to_csv(tmp, index=False)
+    plot_scatter(PLOTS / "pred_vs_true.png", test.score, preds, warning)
+    plot_regions(PLOTS / "region_mae.png", region_rows, warning)
+    n = min(len(test), p.evaluate.tsne_max_points)
+    sub = test.take(np.random.default_rng(p.seed).choice(len(test), n, replace=False))
+    level = models[best].cr(torch.from_numpy(sub.emb)).detach().numpy() if models[best].use_cr else sub.emb
+    m = card["n_semantic"]
+    plot_tsne(PLOTS / "tsne.png", {"Sem": sub.tm[:, :m], "Attr": sub.tm[:, m:], "Level": level}, sub.score, p.seed, warning)
+
+    tags, kinds, tag_emb = read_text_embeddings(TAG_EMB)
+    head_state = torch.load(MODEL_FILES[best], map_location="cpu", weights_only=False)
+    scale = card["logit_scale"] if p.features.logit_scale else 1.0
+    bundle = MODELS / "bundle.pt"
+    make_bundle(bundle, head_state=head_state, card=card, tags=tags, kinds=kinds, tag_emb=tag_emb, logit_scale=scale)
+    model_card = {
+        "model": best, "data": p.data.name, "clip": card, "test_metrics": results[best], "val_srcc": val_srcc[best],
+        "params": {"head": vars(p.head), "selftrain": vars(p.selftrain)},
+    }
+    with stage_run(p.mlflow, "evaluate", config={"evaluate": vars(p.evaluate), "seed": p.seed}, tags={"data": p.data.name, **weights_tags(card)}):
+        import mlflow
+
+        for name, res in results.items():
+            mlflow.log_metrics({f"{name}.{k}": float(v) for k, v in res.items() if v is not None})
+        for f in ("pred_vs_true.png", "region_mae.png", "tsne.png", "pred_vs_true.csv"):
+            mlflow.log_artifact(str(PLOTS / f), "plots")
+        if p.evaluate.register:
+            info = log_scoring_model(bundle, card, registered_name=p.mlflow.model_name, pip_requirements=_requirements())
+            version = str(info.registered_model_version)
+            alias = promote(p.mlflow.model_name, version, "val_srcc", val_srcc[best])
+            from mlflow import MlflowClient
+
+            client = MlflowClient()
+            for k, v in {"data": p.data.name, **weights_tags(card), "test_srcc": f"{results[best]['srcc']:.4f}"}.items():
+                client.set_model_version_tag(p.mlflow.model_name, version, k, v)
+            model_card.update({"registered": f"models:/{p.mlflow.model_name}/{version}", "alias": alias})
+    if warning:
+        model_card["WARNING"] = warning
+    write_json(MODELS / "model_card.json", model_card)
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "torchvision", "open_clip_torch", "numpy", "pandas", "pillow", "mlflow")]
+
+
+if __name__ == "__main__":
+    main()

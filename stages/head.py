@@ -1,0 +1,29 @@
+"""Stage `head`: TM + CR features -> MLP -> level distribution, EMD loss, ELTA TFA/FLSA."""
+
+from pipelines.config import as_dict
+from pipelines.io import DataError
+from pipelines.train.loops import supervised_loop
+from stages.common import FEATURES, MODELS, cli, params
+from stages.training import train_stage
+
+PROTOCOLS = ("linear_probe", "fine_tune")
+
+
+def head_config(p) -> dict:
+    h = as_dict(p.head)
+    h.pop("ray")
+    if h["protocol"] not in PROTOCOLS:
+        raise DataError(f"params.yaml: head.protocol = {h['protocol']!r}; use one of {PROTOCOLS}.")
+    return {"features_path": FEATURES, "cr_path": MODELS / "cr_encoder.pt" if h["use_cr"] else None, "head": h}
+
+
+@cli
+def main() -> None:
+    p = params()
+    config = {**head_config(p), "epochs": p.head.epochs, "lr": p.head.lr, "desc": "head"}
+    inputs = [FEATURES] + ([MODELS / "cr_encoder.pt"] if p.head.use_cr else [])
+    train_stage("head", supervised_loop, config, p.head.ray, inputs=inputs, model_out=MODELS / "head.pt")
+
+
+if __name__ == "__main__":
+    main()

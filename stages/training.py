@@ -1,0 +1,55 @@
+"""Shared driver for the training stages: MLflow run + Ray Train fit + stamped metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from pipelines.config import TrainParams
+from pipelines.io import atomic_path, write_json
+from pipelines.tracking.runs import stage_run, tracking_uri, weights_tags
+from pipelines.train.runner import run_training
+from stages.common import METRICS, params, stamp, weights_card
+
+
+def train_stage(
+    stage: str,
+    loop: Callable[[dict], None],
+    config: dict[str, Any],
+    ray_params: TrainParams,
+    *,
+    inputs: list[Path],
+    model_out: Path,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Fit ``loop`` under an MLflow run, save its final state to ``model_out``, write metrics."""
+    p = params()
+    card = weights_card()
+    config = {
+        **config,
+        "seed": p.seed,
+        **{k: str(Path(v).resolve()) for k, v in config.items() if k.endswith("_path") and v},
+    }
+    with stage_run(p.mlflow, stage, config=config, tags={"data": p.data.name, **weights_tags(card)}) as run:
+        import mlflow
+
+        state = run_training(
+            loop,
+            {**config, "tracking_uri": tracking_uri(p.mlflow), "run_id": run.info.run_id},
+            ray_params,
+            stage=stage,
+            inputs=[str(i) for i in inputs],
+        )
+        state = {**state, **(extra or {}), "config": config, "card": card}
+        state.pop("optimizer", None)
+        state.pop("scheduler", None)
+        with atomic_path(model_out) as tmp:
+            torch.save(state, tmp)
+        history = mlflow.tracking.MlflowClient().get_run(run.info.run_id).data.metrics
+        metrics = stamp({"final_" + k: v for k, v in history.items() if k != "epoch"}, card)
+        metrics["epochs"] = state["epoch"] + 1
+        write_json(METRICS / f"{stage}.json", metrics)
+        mlflow.log_artifact(str(model_out))
+    return state

@@ -1,0 +1,121 @@
+"""The whole DAG: `dvc repro` in a fresh git + DVC repo on a tiny demo config."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ("dvc.yaml", "params.yaml", "pipelines/", "stages/", "config/", "tests/assets/")
+
+TINY = {
+    "demo": {"n_images": 96, "image_size": 64},
+    "tags": {"min_count": 2},
+    "embed": {"model": "tests/assets/iaa-tiny-clip.json", "pretrained": "none", "batch_size": 16, "num_workers": 1},
+    "features": {"n_clusters": 3},
+    "pretrain": {"epochs": 3, "batches_per_cluster": 4, "hidden": 64, "dim": 32, "ray": {"num_workers": 1}},
+    "head": {"epochs": 6, "tm_dim": 32, "cr_dim": 32, "hidden": 64, "ray": {"num_workers": 0}},
+    "selftrain": {"epochs": 3, "ray": {"num_workers": 0}},
+    "evaluate": {"tsne_max_points": 60},
+    "mlflow": {"model_name": "tmcr-test"},
+}
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(base.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+def project_files() -> list[str]:
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    return [f for f in listed if f.startswith(PROJECT_FILES) and (ROOT / f).is_file()]
+
+
+def make_repo(tmp: Path, overrides: dict) -> tuple[Path, dict]:
+    repo = tmp / "repo"
+    for f in project_files():
+        (repo / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, repo / f)
+    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (repo / ".gitignore").write_text((ROOT / ".gitignore").read_text())
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI", "MLFLOW_", "RAY_ADDRESS", "IAA_"))}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", HF_HUB_OFFLINE="1",
+               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"], ["git", "add", "-A"],
+                ["git", "commit", "-q", "-m", "project"]):
+        subprocess.run(cmd, cwd=repo, env=env, check=True)
+    return repo, env
+
+
+def dvc(repo: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+@pytest.mark.slow
+def test_dvc_repro_end_to_end(tmp_path):
+    repo, env = make_repo(tmp_path, TINY)
+    dvc(repo, env, "repro")
+
+    metrics = json.loads((repo / "metrics/eval.json").read_text())
+    # random weights are stamped on every metric file and the model card
+    for f in ("eval", "head", "pretrain", "selftrain", "pseudo_search"):
+        m = json.loads((repo / f"metrics/{f}.json").read_text())
+        assert m["random_weights"] is True and "not a real result" in m["WARNING"], f
+    card = json.loads((repo / "models/model_card.json").read_text())
+    assert "not a real result" in card["WARNING"] and card["alias"] == "champion"
+    for name in ("head", "selftrain"):
+        res = metrics[name]
+        for k in ("acc", "plcc", "srcc", "mse", "emd1", "emd2", "mae_L", "mae_M", "mae_H"):
+            assert np.isfinite(res[k]), (name, k)
+        assert 0 <= res["acc"] <= 1 and res["emd2"] >= res["emd1"] * 0 and res["mse"] > 0
+    # the tiny model learns something real from the graded faults even with random CLIP weights
+    assert max(metrics["head"]["srcc"], metrics["selftrain"]["srcc"]) > 0.2
+    for plot in ("pred_vs_true.png", "region_mae.png", "tsne.png"):
+        assert (repo / "plots" / plot).stat().st_size > 5000
+    pseudo = json.loads((repo / "metrics/pseudo_search.json").read_text())
+    assert pseudo["val_n_selected"] >= 1 and pseudo["unlabeled_n"] > 0
+
+    # the registry's champion loads and scores images like the pipeline did
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlruns/mlflow.db'}")
+    preds = pd.read_csv(repo / "plots/pred_vs_true.csv")
+    ids = preds["image_id"].head(3).tolist()
+    model = mlflow.pyfunc.load_model("models:/tmcr-test@champion")  # self-contained: run from any cwd
+    paths = [str(repo / "data/demo/images" / f"{i}.jpg") for i in ids] + [str(repo / "missing.jpg")]
+    out = model.predict(pd.DataFrame({"path": paths}))
+    expected = preds.set_index("image_id").loc[ids, f"pred_{metrics['registered_model']}"].to_numpy()
+    np.testing.assert_allclose(out["score"].to_numpy()[:3], expected, atol=2e-3)
+    assert out["error"].iloc[3] and np.isnan(out["score"].iloc[3])
+    assert len(out["top_semantic"].iloc[0]) == 3
+
+    # nothing changed: the second repro runs no stage and is fast
+    start = time.perf_counter()
+    second = dvc(repo, env, "repro")
+    assert "Running stage" not in second.stdout
+    assert time.perf_counter() - start < 15
+    assert "up to date" in dvc(repo, env, "status").stdout.lower()
+
+
+def test_stage_reports_unknown_param(tmp_path):
+    repo, env = make_repo(tmp_path, {"index": {"n_per_bins": 3}})
+    proc = subprocess.run([sys.executable, "-m", "stages.index"], cwd=repo, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "unknown param 'index.n_per_bins'" in proc.stderr and "params.yaml" in proc.stderr

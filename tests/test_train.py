@@ -1,0 +1,113 @@
+"""Ray Train loops on synthetic features: they learn, checkpoint, and resume after a kill."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.config import TrainParams
+from pipelines.io import write_parquet
+from pipelines.metrics import dist_to_score, srcc
+from pipelines.ranking.index import build_index
+from pipelines.train.data import load_features
+from pipelines.train.loops import head_from_arch, predict_logits, pretrain_loop, supervised_loop
+from pipelines.train.runner import fingerprint, run_training
+from tests.synthetic import make_features
+
+LOCAL = TrainParams(num_workers=0)
+HEAD = {
+    "protocol": "linear_probe", "lr_decay": 0.95, "weight_decay": 1e-4, "batch_size": 32, "tm_dim": 16,
+    "cr_dim": 16, "hidden": 32, "dropout": 0.0, "emd_r": 2, "use_tm": True, "use_cr": True, "tfa": True,
+    "tfa_tau1": 0.5, "tfa_tau2": 2.0, "tfa_n_mix": 1, "flsa": True, "flsa_weight": 0.1,
+}
+
+
+@pytest.fixture()
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.setenv("IAA_RUNS_DIR", str(tmp_path / "runs"))
+    make_features(tmp_path / "features.parquet")
+    train = load_features(tmp_path / "features.parquet").split_of("train")
+    index, _ = build_index(train.cluster, train.score, low=2, high=9, n_per_bin="auto")
+    write_parquet(tmp_path / "index.parquet", index)
+    return tmp_path
+
+
+def pretrain_config(tmp: Path, epochs: int = 4, batches: int = 5) -> dict:
+    return {
+        "features_path": str(tmp / "features.parquet"), "index_path": str(tmp / "index.parquet"), "epochs": epochs,
+        "lr": 3e-3, "weight_decay": 0.05, "tau": 0.1, "hidden": 32, "dim": 16, "dropout": 0.0,
+        "batches_per_cluster": batches, "low": 2, "high": 9, "seed": 0,
+    }
+
+
+def inputs(tmp: Path) -> list[str]:
+    return [str(tmp / "features.parquet"), str(tmp / "index.parquet")]
+
+
+def test_pretrain_then_head_learn(workdir):
+    state = run_training(pretrain_loop, pretrain_config(workdir), LOCAL, stage="pretrain", inputs=inputs(workdir))
+    assert state["epoch"] == 3 and state["started_at_epoch"] == 0
+    torch.save(state, workdir / "cr.pt")
+    config = {
+        "features_path": str(workdir / "features.parquet"), "cr_path": str(workdir / "cr.pt"), "head": HEAD,
+        "epochs": 25, "lr": 3e-3, "seed": 0,
+    }
+    head = run_training(supervised_loop, config, LOCAL, stage="head", inputs=inputs(workdir))
+    model = head_from_arch(head["arch"])
+    model.load_state_dict(head["model"])
+    test = load_features(workdir / "features.parquet").split_of("test")
+    pred = dist_to_score(torch.softmax(torch.from_numpy(predict_logits(model, test.tm, test.emb)), 1).numpy())
+    assert srcc(pred, test.score) > 0.6  # the score is a linear function of the embedding
+    # linear probe: the CR encoder weights are the pretrained ones, untouched
+    for k, v in state["model"].items():
+        assert torch.equal(head["model"][f"cr.{k}"], v)
+    # no resume file is left behind after a successful fit
+    assert not list((workdir / "runs").glob("*/checkpoint/state.pt"))
+
+
+def test_fingerprint_changes_with_config_and_inputs(workdir):
+    a = fingerprint(pretrain_config(workdir), inputs(workdir))
+    assert a == fingerprint(pretrain_config(workdir), inputs(workdir))
+    assert a != fingerprint(pretrain_config(workdir, epochs=5), inputs(workdir))
+    make_features(workdir / "features.parquet", seed=1)
+    assert a != fingerprint(pretrain_config(workdir), inputs(workdir))
+
+
+def test_killed_training_resumes_from_last_epoch(workdir):
+    script = textwrap.dedent(f"""
+        import torch
+        from pipelines.config import TrainParams
+        from pipelines.train.loops import pretrain_loop
+        from pipelines.train.runner import run_training
+        from tests.test_train import pretrain_config, inputs
+        from pathlib import Path
+        tmp = Path({str(workdir)!r})
+        state = run_training(pretrain_loop, pretrain_config(tmp, epochs=60, batches=10), TrainParams(num_workers=0),
+                             stage="pretrain", inputs=inputs(tmp))
+        torch.save(state, tmp / "final.pt")
+    """)
+    env = {**os.environ, "IAA_RUNS_DIR": str(workdir / "runs")}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=Path(__file__).parents[1],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((workdir / "runs").glob("*/checkpoint/state.pt")):
+        assert proc.poll() is None and time.time() < deadline, "training ended before its first checkpoint"
+        time.sleep(0.01)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (resume,) = (workdir / "runs").glob("*/checkpoint/state.pt")
+    killed_at = torch.load(resume, weights_only=False)["epoch"]
+    assert killed_at < 59
+    subprocess.run([sys.executable, "-c", script], env=env, cwd=Path(__file__).parents[1], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    final = torch.load(workdir / "final.pt", weights_only=False)
+    assert final["epoch"] == 59
+    assert final["started_at_epoch"] >= killed_at + 1
