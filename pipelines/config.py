@@ -115,8 +115,8 @@ class HeadParams:
 @dataclass(frozen=True)
 class PseudoSearchParams:
     val_fraction: float = 1.0
-    betas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 2.0])
-    thresholds: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4, 0.5, 0.6])
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0, 2.0, 4.0, 8.0])
+    thresholds: list[float] = field(default_factory=lambda: [0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
     min_selected: float = 0.2  # fraction of the validation subset the chosen pair must keep
 
 
@@ -130,7 +130,7 @@ class SelftrainParams:
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    tsne_max_points: int = 600
+    tsne_max_points: int = 300
     register: bool = True
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipelines.config import as_dict
 from pipelines.io import DataError, atomic_path, write_json
 from pipelines.metrics import dist_to_score, evaluate, lmh_mae, srcc
 from pipelines.tracking.runs import stage_run, weights_tags
@@ -59,7 +60,8 @@ def plot_tsne(path, spaces: dict[str, np.ndarray], score: np.ndarray, seed: int,
     fig, axes = plt.subplots(1, len(spaces), figsize=(4 * len(spaces), 4))
     for ax, (name, x) in zip(np.atleast_1d(axes), spaces.items()):
         perplexity = float(min(30, max(2, (len(x) - 1) // 3)))
-        xy = TSNE(2, perplexity=perplexity, random_state=seed, init="pca").fit_transform(x)
+        # exact: deterministic, and on <= a few hundred points far faster here than Barnes-Hut
+        xy = TSNE(2, perplexity=perplexity, random_state=seed, init="pca", method="exact").fit_transform(x)
         sc = ax.scatter(xy[:, 0], xy[:, 1], c=score, s=8, cmap="viridis")
         ax.set_title(f"{name} space")
         ax.set_xticks([]), ax.set_yticks([])
@@ -99,7 +101,7 @@ def main() -> None:
     write_json(METRICS / "eval.json", metrics)
 
     PLOTS.mkdir(exist_ok=True)
-    pred_table = pd.DataFrame({"image_id": test.image_id, "true": test.score, **{f"pred_{k}": v for k, v in preds.items()}})
+    pred_table = pd.DataFrame({"image_id": test.image_id, "true_score": test.score, **{f"pred_{k}": v for k, v in preds.items()}})
     with atomic_path(PLOTS / "pred_vs_true.csv") as tmp:
         pred_table.to_csv(tmp, index=False)
     with atomic_path(PLOTS / "region_mae.csv") as tmp:
@@ -119,9 +121,9 @@ def main() -> None:
     make_bundle(bundle, head_state=head_state, card=card, tags=tags, kinds=kinds, tag_emb=tag_emb, logit_scale=scale)
     model_card = {
         "model": best, "data": p.data.name, "clip": card, "test_metrics": results[best], "val_srcc": val_srcc[best],
-        "params": {"head": vars(p.head), "selftrain": vars(p.selftrain)},
+        "params": {"head": as_dict(p.head), "selftrain": as_dict(p.selftrain)},
     }
-    with stage_run(p.mlflow, "evaluate", config={"evaluate": vars(p.evaluate), "seed": p.seed}, tags={"data": p.data.name, **weights_tags(card)}):
+    with stage_run(p.mlflow, "evaluate", config={"evaluate": as_dict(p.evaluate), "seed": p.seed}, tags={"data": p.data.name, **weights_tags(card)}):
         import mlflow
 
         for name, res in results.items():

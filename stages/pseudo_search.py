@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from pipelines.config import as_dict
 from pipelines.io import DataError, write_json, write_parquet
 from pipelines.metrics import dist_to_score
 from pipelines.selftrain.apds import apds_sharpen, grid_search, select_pseudo_labels
@@ -31,10 +32,16 @@ def main() -> None:
     val = val.take(np.sort(rng.choice(len(val), n_sub, replace=False)))
     model = load_head(MODELS / "head.pt")
     mean_score = float(np.mean(train.score))
-    result = grid_search(
-        predict_logits(model, val.tm, val.emb), val.score, mean_score, s.betas, s.thresholds,
-        min_selected=max(1, int(np.ceil(s.min_selected * len(val)))),
-    )
+    try:
+        result = grid_search(
+            predict_logits(model, val.tm, val.emb), val.score, mean_score, s.betas, s.thresholds,
+            min_selected=max(1, int(np.ceil(s.min_selected * len(val)))),
+        )
+    except ValueError as exc:
+        raise DataError(
+            f"params.yaml pseudo_search: {exc}. Add lower values to pseudo_search.thresholds, larger ones to "
+            "pseudo_search.betas, or lower pseudo_search.min_selected."
+        ) from exc
     beta, t = result["beta"], result["t"]
     probs = apds_sharpen(predict_logits(model, unl.tm, unl.emb), mean_score, beta)
     selected = select_pseudo_labels(probs, t)
@@ -53,7 +60,7 @@ def main() -> None:
     write_json(METRICS / "pseudo_search.json", metrics)
     grid = pd.DataFrame(result["grid"])
     write_json(PSEUDO.parent / "grid.json", grid.to_dict(orient="records"))
-    with stage_run(p.mlflow, "pseudo_search", config={"pseudo_search": vars(s), "seed": p.seed}, tags={"data": p.data.name, **weights_tags(card)}) as run:
+    with stage_run(p.mlflow, "pseudo_search", config={"pseudo_search": as_dict(s), "seed": p.seed}, tags={"data": p.data.name, **weights_tags(card)}) as run:
         import mlflow
 
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})

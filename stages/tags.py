@@ -13,6 +13,7 @@ def main() -> None:
         cfg=p.tags,
         filter_path="config/tag_filter.txt",
         replay_path="config/llm_replay.jsonl",
+        corpus_format=p.data.comments_format,
     )
 
 
