@@ -6,8 +6,6 @@ The image cache is chunked and resumable (a killed run continues where it stoppe
 
 import hashlib
 
-import torch
-
 from pipelines.data.manifest import read_manifest
 from pipelines.embed.clip import load_clip
 from pipelines.embed.encode import embed_images, embed_texts, write_text_embeddings
@@ -26,8 +24,8 @@ def read_tags(kind: str) -> list[str]:
 def main() -> None:
     p = params()
     e = p.embed
-    torch.manual_seed(p.seed)  # random-init weights (pretrained: none / fallback) are reproducible
-    bundle = load_clip(e.model, e.pretrained, allow_random_fallback=e.allow_random_fallback)
+    # random-init weights (pretrained: none / fallback) are reproducible from the seed
+    bundle = load_clip(e.model, e.pretrained, allow_random_fallback=e.allow_random_fallback, seed=p.seed)
     manifest = read_manifest(MANIFEST)
     fingerprint = {
         "model": bundle.name,

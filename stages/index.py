@@ -1,6 +1,5 @@
 """Stage `index`: the balanced score-bin index per semantic cluster (TMCR "Balanced Sampling")."""
 
-import pyarrow.parquet as pq
 
 from pipelines.io import write_json, write_parquet
 from pipelines.ranking.index import build_index

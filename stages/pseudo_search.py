@@ -5,7 +5,6 @@ code scores it on the evaluated set's ground truth, which leaks test labels.)
 """
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
 from pipelines.config import as_dict
@@ -58,9 +57,8 @@ def main() -> None:
         "unlabeled_n": len(unl), "unlabeled_selected": int(selected.sum()), "mean_score": mean_score,
     }, card)
     write_json(METRICS / "pseudo_search.json", metrics)
-    grid = pd.DataFrame(result["grid"])
-    write_json(PSEUDO.parent / "grid.json", grid.to_dict(orient="records"))
-    with stage_run(p.mlflow, "pseudo_search", config={"pseudo_search": as_dict(s), "seed": p.seed}, tags={"data": p.data.name, **weights_tags(card)}) as run:
+    write_json(PSEUDO.parent / "grid.json", result["grid"])
+    with stage_run(p.mlflow, "pseudo_search", config={"pseudo_search": as_dict(s), "seed": p.seed}, tags={"data": p.data.name, **weights_tags(card)}):
         import mlflow
 
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})

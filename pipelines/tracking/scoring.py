@@ -43,8 +43,7 @@ class AestheticsModel(mlflow.pyfunc.PythonModel):
         pretrained = context.artifacts.get("clip_checkpoint")
         if pretrained is None:
             pretrained = "none" if card["random_weights"] else card["pretrained"]
-        torch.manual_seed(card["init_seed"])
-        self.clip = load_clip(model_ref, pretrained, allow_random_fallback=False)
+        self.clip = load_clip(model_ref, pretrained, allow_random_fallback=False, seed=card["init_seed"])
         if self.clip.random_weights != bool(card["random_weights"]):
             raise RuntimeError(f"CLIP weights differ from training: {self.clip.weights} vs {card['weights']}")
         self.head = head_from_arch(b["arch"])
@@ -56,9 +55,22 @@ class AestheticsModel(mlflow.pyfunc.PythonModel):
     def _image(self, row: pd.Series):
         from PIL import Image
 
-        if "image" in row and isinstance(row["image"], (bytes, bytearray)):
-            return Image.open(io.BytesIO(row["image"])).convert("RGB")
-        return Image.open(row["path"]).convert("RGB")
+        img = row.get("image")
+        if isinstance(img, (bytes, bytearray, memoryview)):
+            return Image.open(io.BytesIO(bytes(img))).convert("RGB")
+        if isinstance(img, str) and img:  # base64 text (JSON clients without a binary signature)
+            import base64
+            import binascii
+
+            try:
+                data = base64.b64decode(img, validate=True)
+            except binascii.Error as exc:
+                raise ValueError("'image' is a string but not base64-encoded image bytes") from exc
+            return Image.open(io.BytesIO(data)).convert("RGB")
+        path = row.get("path")
+        if not isinstance(path, str) or not path:
+            raise ValueError("row has neither image bytes nor a path")
+        return Image.open(path).convert("RGB")
 
     @torch.no_grad()
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
@@ -98,24 +110,36 @@ def log_scoring_model(bundle_path: Path, card: dict, *, registered_name: str | N
         name="model",
         python_model=AestheticsModel(),
         artifacts=artifacts,
+        signature=signature(),
         code_paths=[str(Path(pipelines.__file__).parent)],
         registered_model_name=registered_name,
         pip_requirements=pip_requirements,
     )
 
 
-def promote(name: str, version: str, metric: str, value: float, higher_is_better: bool = True) -> str:
-    """Make ``version`` the champion if it beats the current one on ``metric``, else the challenger."""
-    from mlflow import MlflowClient
+def signature():
+    """Inputs: ``path`` (string) and/or ``image`` (bytes; base64 in JSON); param ``top_k``.
 
-    client = MlflowClient()
-    client.set_model_version_tag(name, version, metric, str(value))
-    try:
-        champion = client.get_model_version_by_alias(name, "champion")
-    except mlflow.exceptions.MlflowException:
-        champion = None
-    best = None if champion is None else champion.tags.get(metric)
-    better = best is None or (value > float(best) if higher_is_better else value < float(best))
-    alias = "champion" if better else "challenger"
-    client.set_registered_model_alias(name, alias, version)
-    return alias
+    Both columns are optional, so a request may carry either. With ``image`` typed binary,
+    ``mlflow models serve`` decodes base64 strings in JSON requests into bytes.
+    """
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
+
+    inputs = Schema([ColSpec("string", "path", required=False), ColSpec("binary", "image", required=False)])
+    outputs = Schema([
+        ColSpec("double", "score"), ColSpec(Array("double"), "distribution", required=False),
+        ColSpec(Array("string"), "top_semantic", required=False), ColSpec(Array("string"), "top_attribute", required=False),
+        ColSpec("string", "error", required=False),
+    ])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=ParamSchema([ParamSpec("top_k", "long", 3)]))
+
+
+def promote(name: str, version: str, metric: str, value: float, higher_is_better: bool = True) -> str:
+    """Make ``version`` the champion if it beats the current one on ``metric``, else the challenger.
+
+    Kept for its callers; the rule lives in ``pipelines.tracking.registry.promote``.
+    """
+    from pipelines.tracking.registry import promote as _promote
+
+    return _promote(name, version, metric, value, higher_is_better)

@@ -1,0 +1,368 @@
+"""Tests for pipelines.embed: model loading, the resumable image cache, fast paths, texts.
+
+All on the tiny open_clip config in tests/assets (64-px images, 64-d embeddings), offline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pipelines.embed import (
+    embed_images,
+    embed_texts,
+    load_clip,
+    read_image_embeddings,
+    read_text_embeddings,
+    write_text_embeddings,
+)
+from pipelines.embed import clip as clip_mod
+from pipelines.embed.encode import BUILDERS, FastVisionTower, ImageDecoder, calibrate, micro_batched
+from pipelines.io import DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "tests/assets/iaa-tiny-clip.json")
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No hub access: offline mode, an empty HF cache, and restore the live constant after."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", constants.HF_HUB_OFFLINE)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    torch.manual_seed(0)
+    return load_clip(TINY, "none")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory, bundle) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    torch.save(bundle.model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str, str]]:
+    """24 small JPEG/PNG crops of real photographs (skimage samples), some grayscale."""
+    import skimage.data
+
+    sources = [getattr(skimage.data, name)() for name in ("astronaut", "coffee", "camera", "chelsea")]
+    folder = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(24):
+        src = sources[i % len(sources)]
+        h, w = int(rng.integers(70, 140)), int(rng.integers(70, 140))
+        y, x = int(rng.integers(0, src.shape[0] - h)), int(rng.integers(0, src.shape[1] - w))
+        img = Image.fromarray(src[y : y + h, x : x + w])
+        path = folder / (f"p{i:02d}.png" if i % 7 == 3 else f"p{i:02d}.jpg")
+        img.save(path)
+        items.append((f"p{i:02d}", str(path)))
+    return items
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory: pytest.TempPathFactory, photos) -> list[tuple[str, str]]:
+    folder = tmp_path_factory.mktemp("bad")
+    truncated = folder / "truncated.jpg"
+    truncated.write_bytes(Path(photos[0][1]).read_bytes()[:300])
+    text = folder / "notes.jpg"
+    text.write_text("not an image")
+    missing = folder / "missing.jpg"
+    return [("missing", str(missing)), ("truncated", str(truncated)), ("text", str(text))]
+
+
+def naive_embeddings(bundle, items) -> np.ndarray:
+    """The reference: preprocess + encode_image one image at a time, fp32."""
+    rows = []
+    with torch.inference_mode():
+        for _, path in items:
+            x = bundle.preprocess(Image.open(path).convert("RGB"))[None]
+            rows.append(F.normalize(bundle.model.encode_image(x), dim=-1)[0])
+    return torch.stack(rows).numpy()
+
+
+def by_id(out_dir: Path) -> dict[str, np.ndarray]:
+    ids, emb = read_image_embeddings(out_dir)
+    return dict(zip(ids, emb))
+
+
+# --------------------------------------------------------------------------- load_clip
+
+
+def test_tiny_config_random(bundle) -> None:
+    assert bundle.name == "iaa-tiny-clip"
+    assert (bundle.weights, bundle.random_weights, bundle.embed_dim) == ("random", True, 64)
+    assert not bundle.model.training
+    assert not any(p.requires_grad for p in bundle.model.parameters())
+    assert bundle.tokenizer(["a photo"]).shape == (1, 32)
+
+
+def test_checkpoint_roundtrip(bundle, checkpoint: Path) -> None:
+    torch.manual_seed(123)  # a different random init, overwritten by the checkpoint
+    loaded = load_clip(TINY, str(checkpoint))
+    assert loaded.weights == f"checkpoint:{checkpoint}"
+    assert loaded.random_weights is False
+    assert loaded.weights_sha256 and len(loaded.weights_sha256) == 64
+    x = torch.randn(3, 3, 64, 64)
+    tokens = bundle.tokenizer(["a cat", "blue sky"])
+    with torch.inference_mode():
+        assert torch.equal(loaded.model.encode_image(x), bundle.model.encode_image(x))
+        assert torch.equal(loaded.model.encode_text(tokens), bundle.model.encode_text(tokens))
+
+
+def test_bad_checkpoint_and_names(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00not a checkpoint" * 10)
+    with pytest.raises(DataError, match="garbage.pt"):
+        load_clip(TINY, str(garbage))
+    with pytest.raises(DataError, match="does not exist"):
+        load_clip(TINY, str(tmp_path / "nope.pt"))
+    with pytest.warns(RuntimeWarning, match="RANDOM WEIGHTS"):
+        fallback = load_clip(TINY, str(tmp_path / "nope.pt"), allow_random_fallback=True)
+    assert fallback.random_weights and fallback.weights == "random"
+    with pytest.raises(DataError, match="Known tags"):
+        load_clip("ViT-B-32", "no_such_tag")
+    with pytest.raises(DataError, match="unknown open_clip model"):
+        load_clip("ViT-Nope-99", "none")
+    with pytest.raises(DataError, match="not found"):
+        load_clip(str(tmp_path / "missing.json"), "none")
+
+
+def test_hub_tag_offline_is_fast() -> None:
+    start = time.perf_counter()
+    with pytest.raises(DataError) as err:
+        load_clip("ViT-B-32", "laion2b_s34b_b79k")
+    assert time.perf_counter() - start < 5
+    message = str(err.value)
+    assert "laion2b_s34b_b79k" in message and "ViT-B-32" in message
+    assert "allow_random_fallback" in message and "checkpoint" in message
+
+    start = time.perf_counter()
+    with pytest.warns(RuntimeWarning, match="RANDOM WEIGHTS"):
+        fallback = load_clip(TINY, "hf-hub:nobody/no-such-clip", allow_random_fallback=True)
+    assert time.perf_counter() - start < 5
+    assert fallback.random_weights and fallback.weights == "random" and fallback.embed_dim == 64
+
+
+def test_reachability_probe_is_bounded() -> None:
+    with socket.socket() as s:  # a local port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.perf_counter()
+    assert not clip_mod._reachable("127.0.0.1", port)
+    assert not clip_mod._reachable("hub.invalid")
+    assert time.perf_counter() - start < 6
+
+
+# --------------------------------------------------------------------------- image cache
+
+
+def test_decoder_matches_preprocess(bundle, photos) -> None:
+    decoder = ImageDecoder(bundle.preprocess)
+    assert decoder.pil_stage is not None  # the fast split applies to open_clip's transform
+    paths = [p for _, p in photos[:8]]
+    fast = decoder.collate([decoder.load(p) for p in paths])
+    slow = torch.stack([bundle.preprocess(Image.open(p).convert("RGB")) for p in paths])
+    assert torch.equal(fast, slow)
+
+
+def test_embed_images_skips_bad_files(bundle, photos, bad_files, tmp_path: Path) -> None:
+    items = photos[:10] + bad_files + photos[10:]
+    kw = dict(batch_size=5, num_workers=2, chunk_rows=8, precision="fp32", progress=False)
+    report = embed_images(bundle, items, tmp_path, **kw)
+    assert report["n_total"] == len(items) and report["n_embedded_now"] == len(photos)
+    assert report["n_skipped"] == 3 and report["n_resumed"] == 0
+    assert {s["image_id"] for s in report["skipped"]} == {"missing", "truncated", "text"}
+    assert all(s["error"] and s["path"] for s in report["skipped"])
+    assert report["precision"] == "fp32" and report["img_per_s"] > 0
+
+    parts = sorted(tmp_path.glob("part-*.parquet"))
+    assert [p.name for p in parts] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    schema = pq.read_schema(parts[0])
+    assert schema.field("image_id").type == pa.string()
+    assert schema.field("embedding").type == pa.list_(pa.float32(), 64)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["fingerprint"]["precision"] == "fp32" and meta["fingerprint"]["embed_dim"] == 64
+
+    ids, emb = read_image_embeddings(tmp_path)
+    assert ids == [i for i, _ in photos] and emb.dtype == np.float32 and emb.shape == (24, 64)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose(emb, naive_embeddings(bundle, photos), atol=1e-5)
+
+
+def test_fast_paths_match_fp32(bundle, photos) -> None:
+    decoder = ImageDecoder(bundle.preprocess)
+    x = decoder.collate([decoder.load(p) for _, p in photos])
+    with torch.inference_mode():
+        ref = BUILDERS["fp32"](bundle)(x)
+        for name in ("int8", "bf16"):
+            out = BUILDERS[name](bundle)(x)
+            assert out.shape == ref.shape and out.dtype == torch.float32
+            cos = F.cosine_similarity(out, ref, dim=-1)
+            assert cos.min() >= 0.999, (name, float(cos.min()))
+            assert not torch.equal(out, ref)  # it really is a different numeric path
+    choice, table, encoder = calibrate(bundle, x[:8])
+    assert choice in BUILDERS and table["fp32"]["status"] == "ok"
+    assert table[choice]["status"] == "ok" and table[choice]["min_cosine"] >= 0.999
+    with torch.inference_mode():
+        assert F.cosine_similarity(encoder(x), ref, dim=-1).min() >= 0.999
+
+
+def test_fast_tower_is_the_same_vit(bundle) -> None:
+    visual = bundle.model.visual
+    fast = FastVisionTower.build(visual)
+    assert fast is not None  # the tiny config is a plain class-token ViT
+    assert not any(isinstance(m, torch.nn.MultiheadAttention) for m in fast.modules())
+    x = torch.randn(5, 3, 64, 64)
+    with torch.inference_mode():
+        np.testing.assert_allclose(fast(x).numpy(), visual(x).numpy(), atol=1e-5)
+        slices = micro_batched(bundle, visual)(x.repeat(40, 1, 1, 1))  # > one slice of tokens
+        ref = F.normalize(visual(x), dim=-1)
+        np.testing.assert_allclose(slices[:5].numpy(), ref.numpy(), atol=1e-5)
+    assert visual.conv1.__class__ is torch.nn.Conv2d  # the bundle's own model is untouched
+
+
+def test_auto_precision_recorded_and_kept_on_resume(bundle, photos, tmp_path: Path) -> None:
+    first = embed_images(bundle, photos[:12], tmp_path, batch_size=6, chunk_rows=6, progress=False)
+    assert first["precision_requested"] == "auto" and first["precision"] in BUILDERS
+    assert "fp32" in first["calibration"]
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["precision_used"] == first["precision"] and meta["fingerprint"]["precision"] == "auto"
+    again = embed_images(bundle, photos, tmp_path, batch_size=6, chunk_rows=6, progress=False)
+    assert again["n_resumed"] == 12 and again["n_embedded_now"] == 12
+    assert again["precision"] == first["precision"] and again["calibration_s"] == 0
+    got = by_id(tmp_path)
+    ref = naive_embeddings(bundle, photos)
+    cos = np.array([got[i] @ ref[k] for k, (i, _) in enumerate(photos)])
+    assert cos.min() >= 0.999
+
+
+def test_fingerprint_change_wipes_and_manifest_shrink(bundle, photos, tmp_path: Path) -> None:
+    kw = dict(batch_size=4, chunk_rows=4, precision="fp32", progress=False)
+    embed_images(bundle, photos, tmp_path, fingerprint={"data": 1}, **kw)
+    (tmp_path / ".part-00009.parquet.x1.tmp").write_bytes(b"half-written")  # a killed write
+    report = embed_images(bundle, photos[:10], tmp_path, fingerprint={"data": 1}, **kw)
+    assert (report["n_resumed"], report["n_embedded_now"], report["cache_wiped"]) == (10, 0, False)
+    assert sorted(by_id(tmp_path)) == [i for i, _ in photos[:10]]  # rows of dropped ids removed
+    assert not list(tmp_path.glob(".*.tmp"))
+    report = embed_images(bundle, photos[:10], tmp_path, fingerprint={"data": 2}, **kw)
+    assert (report["n_resumed"], report["n_embedded_now"], report["cache_wiped"]) == (0, 10, True)
+    assert json.loads((tmp_path / "meta.json").read_text())["fingerprint"]["data"] == 2
+
+
+def test_resume_after_sigkill(checkpoint: Path, photos, tmp_path: Path) -> None:
+    """Kill a real embedding run right after its first chunk lands, rerun, compare."""
+    killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"
+    kw = dict(batch_size=3, num_workers=1, chunk_rows=3, precision="fp32", fingerprint={"run": "kill"})
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(f"""
+        import time
+        from pipelines.embed import embed_images, load_clip
+        bundle = load_clip({TINY!r}, {str(checkpoint)!r})
+        bundle.model.visual.register_forward_pre_hook(lambda *a: time.sleep(0.15))  # slow it down
+        embed_images(bundle, {photos!r}, {str(killed_dir)!r}, progress=False, **{kw!r})
+    """))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not (killed_dir / "part-00000.parquet").exists():
+            assert proc.poll() is None, "embedding subprocess ended before writing a chunk"
+            assert time.monotonic() < deadline, "no chunk within 60 s"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    done_before = len(by_id(killed_dir))
+    assert 0 < done_before < len(photos)
+
+    bundle = load_clip(TINY, str(checkpoint))
+    report = embed_images(bundle, photos, killed_dir, progress=False, **kw)
+    assert report["n_resumed"] == done_before
+    assert report["n_resumed"] + report["n_embedded_now"] == len(photos)
+    ids, emb = read_image_embeddings(killed_dir)
+    assert sorted(ids) == sorted(i for i, _ in photos)  # every id exactly once
+    embed_images(bundle, photos, clean_dir, progress=False, **kw)
+    clean = by_id(clean_dir)
+    np.testing.assert_allclose(emb, np.stack([clean[i] for i in ids]), atol=1e-5)
+
+
+def test_missing_root_all_bad_and_duplicates(bundle, photos, bad_files, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist") as err:
+        embed_images(bundle, [("a", str(tmp_path / "nowhere/a.jpg"))], tmp_path / "c1", progress=False)
+    assert str(tmp_path / "nowhere") in str(err.value)
+    with pytest.raises(DataError, match="none of the 3 images"):
+        embed_images(bundle, bad_files, tmp_path / "c2", precision="fp32", progress=False)
+    with pytest.raises(DataError, match="duplicate"):
+        embed_images(bundle, photos[:2] + photos[:1], tmp_path / "c3", progress=False)
+    with pytest.raises(DataError, match="precision"):
+        embed_images(bundle, photos[:2], tmp_path / "c4", precision="fp8", progress=False)
+
+
+def test_read_cache_errors(bundle, photos, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="not found"):
+        read_image_embeddings(tmp_path / "absent")
+    embed_images(bundle, photos[:4], tmp_path, chunk_rows=2, precision="fp32", progress=False)
+    (tmp_path / "part-00001.parquet").write_bytes(b"PAR1 garbage")
+    with pytest.raises(DataError, match="part-00001"):
+        read_image_embeddings(tmp_path)
+    (tmp_path / "meta.json").unlink()
+    with pytest.raises(DataError, match="meta.json"):
+        read_image_embeddings(tmp_path)
+
+
+# --------------------------------------------------------------------------- texts
+
+
+def test_embed_texts_matches_encode_text(bundle, tmp_path: Path) -> None:
+    texts = ["sunset", "a portrait of an old man with a long grey beard!", "", "bokeh", "macro"] * 3
+    emb = embed_texts(bundle, texts, batch_size=4)
+    assert emb.shape == (len(texts), 64) and emb.dtype == np.float32
+    with torch.inference_mode():
+        ref = F.normalize(bundle.model.encode_text(bundle.tokenizer(texts)), dim=-1).numpy()
+    np.testing.assert_allclose(emb, ref, atol=1e-5)
+    assert embed_texts(bundle, []).shape == (0, 64)
+
+    kinds = ["semantic"] * 10 + ["attribute"] * 5
+    write_text_embeddings(tmp_path / "tags.parquet", texts, kinds, emb)
+    tags, got_kinds, got = read_text_embeddings(tmp_path / "tags.parquet")
+    assert tags == texts and got_kinds == kinds and np.array_equal(got, emb)
+    with pytest.raises(DataError, match="not found"):
+        read_text_embeddings(tmp_path / "missing.parquet")
+
+
+def test_random_init_is_reproducible_from_seed_after_failed_hub_load(monkeypatch) -> None:
+    """The registry rebuilds a random-init CLIP from its seed: the fallback path (which first
+    builds a model for the failed hub load) must give the same weights as `pretrained: none`."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(123)  # RNG state before the call must not matter
+    fallback = load_clip(TINY, "hf-hub:nobody/no-such-clip", allow_random_fallback=True, seed=7)
+    direct = load_clip(TINY, "none", seed=7)
+    other = load_clip(TINY, "none", seed=8)
+    a, b, c = (m.model.state_dict() for m in (fallback, direct, other))
+    assert fallback.random_weights and direct.random_weights
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
