@@ -1,0 +1,198 @@
+"""Gated mixed precision (M+MNet sec. 3.3, eq. 5): the theta switch rule and the
+loss-scaling / FP32-master-weight mechanics (fp16 on CPU for tiny models; no speed claims)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipelines.models.amp import (
+    MAX_TAU,
+    MixedPrecisionTrainer,
+    PrecisionGate,
+    grads_overflow,
+    low_dtype,
+    theta,
+)
+
+
+def ref_switch_epoch(flags, l1, l2, window=5):
+    """Eq. 5 after every epoch e (E = e + 1 epochs trained); switch in the epoch after theta <= 0."""
+    for e in range(len(flags)):
+        o = sum(1 for f in flags[max(0, e + 1 - window): e + 1] if f)
+        if l1 * o ** 2 - l2 * (e + 1) <= 0:
+            return e + 1
+    return None
+
+
+def test_theta_is_eq5_over_the_last_five_epochs():
+    assert theta([True] * 5, 5) == pytest.approx(25 - 1.0)
+    assert theta([True] * 3 + [False] * 5, 8) == pytest.approx(-1.6)  # old overflows leave the window
+    assert theta([False, True, False, True, False, True], 6, l1=2.0, l2=0.5) == pytest.approx(2 * 9 - 3.0)
+    assert theta([], 0) == 0.0
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("l1,l2", [(1.0, 0.2), (1.0, 1.0), (0.5, 0.05)])
+def test_gate_switches_exactly_when_the_reference_does(seed, l1, l2):
+    rng = np.random.default_rng(seed)
+    p = rng.uniform(0.2, 0.95)
+    flags = (rng.random(60) < np.linspace(p, 0.0, 60)).tolist()  # overflows fade as training settles
+    gate = PrecisionGate(l1=l1, l2=l2)
+    for e, f in enumerate(flags):
+        gate.end_epoch(e, f)
+    assert gate.switch_epoch == ref_switch_epoch(flags, l1, l2)
+
+
+def test_gate_waits_while_overflows_are_frequent_and_never_switches_back():
+    gate = PrecisionGate(l1=1.0, l2=0.2)
+    for e in range(20):  # every epoch overflows: 25 - 0.2 E > 0 until E = 125
+        assert not gate.end_epoch(e, True)
+    assert gate.switch_epoch is None
+    gate.end_epoch(20, False)  # O = 4: 16 - 4.2 > 0
+    gate.end_epoch(21, False)  # O = 3: 9 - 4.4 > 0
+    assert not gate.mixed
+    assert gate.end_epoch(22, False)  # O = 2: 4 - 4.6 <= 0 -> mixed from epoch 23
+    assert gate.switch_epoch == 23
+    gate.end_epoch(23, True)
+    gate.end_epoch(24, True)
+    assert gate.mixed and gate.switch_epoch == 23
+    off = PrecisionGate(enabled=False)
+    for e in range(10):
+        off.end_epoch(e, False)
+    assert off.switch_epoch is None
+
+
+def test_overflow_monitor_uses_the_low_precision_range():
+    w = nn.Parameter(torch.zeros(3))
+    w.grad = torch.tensor([1.0, -0.5, 0.0])
+    assert grads_overflow([w], 2.0 ** 16, torch.float16)  # 65536 > 65504
+    assert not grads_overflow([w], 2.0 ** 15, torch.float16)
+    assert not grads_overflow([w], 2.0 ** 20, torch.bfloat16)
+    w.grad = torch.tensor([float("nan"), 0.0, 0.0])
+    assert grads_overflow([w], 1.0, torch.float32)
+    assert low_dtype("auto", "cuda") == torch.float16
+    assert low_dtype("auto", "cpu", probe=lambda: 3.0) == torch.bfloat16  # a CPU where bf16 pays off
+    assert low_dtype("auto", "cpu", probe=lambda: 0.01) == torch.float32  # AVX2-only: bf16 ~100x slower
+    assert low_dtype("bf16", "cpu") == torch.bfloat16
+    with pytest.raises(ValueError):
+        low_dtype("int8", "cpu")
+
+
+def _mixed(model, lr=1.0, tau=16, growth=1000, dtype=torch.float16):
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    tr = MixedPrecisionTrainer(model, opt, dtype=dtype, init_tau=tau, growth_interval=growth)
+    tr.gate.switch_epoch = 0  # already in the mixed phase
+    return tr
+
+
+def _lin(value=0.0):
+    m = nn.Linear(4, 1, bias=False)
+    nn.init.constant_(m.weight, value)
+    return m
+
+
+def test_loss_scaling_keeps_gradients_that_fp16_would_flush_to_zero():
+    x = torch.ones(1, 4)
+    # the loss is computed in FP32 (as the paper does); dL/dw = 1e-8 < fp16's smallest subnormal (6e-8)
+    loss_fn = lambda m, dt: 1e-8 * m(x.to(dt)).float().sum()
+    scaled, unscaled = _lin(), _lin()
+    _mixed(scaled, tau=16).step(loss_fn)
+    _mixed(unscaled, tau=0).step(loss_fn)
+    assert unscaled.weight.abs().max().item() == 0.0  # the gradient underflowed: no update
+    np.testing.assert_allclose(scaled.weight.detach().numpy(), -1e-8, rtol=1e-2)  # lr 1 * 1e-8, in the FP32 master
+    assert scaled.weight.dtype == torch.float32
+
+
+def test_master_weights_accumulate_updates_smaller_than_fp16_resolution():
+    # an fp16 weight of 1.0 cannot move by 1e-4 (its spacing is ~1e-3); the FP32 master can
+    m = _lin(1.0)
+    x = torch.ones(1, 4)
+    tr = _mixed(m, lr=1e-4, tau=10)
+    for _ in range(5):
+        tr.step(lambda mod, dt: mod(x.to(dt)).sum())
+    np.testing.assert_allclose(m.weight.detach().numpy(), 1.0 - 5e-4, rtol=0, atol=1e-6)
+    assert (torch.tensor(1.0, dtype=torch.float16) - 1e-4).item() == 1.0  # what an fp16-only update would do
+
+
+def test_overflow_skips_the_batch_and_lowers_the_scale():
+    m = _lin(0.5)
+    before = m.weight.detach().clone()
+    tr = _mixed(m, tau=16)
+    x = torch.full((1, 4), 1e3)
+    _, over = tr.step(lambda mod, dt: 10.0 * mod(x.to(dt)).sum())  # scaled grads 1e4 * 65536 -> inf in fp16
+    assert over and torch.equal(m.weight.detach(), before) and tr.tau == 15 and tr.skipped == 1
+    metrics = tr.end_epoch(0)
+    assert metrics["overflow_epoch"] == 1.0 and metrics["skipped_batches"] == 1.0 and metrics["mixed_precision"] == 1.0
+    _, over = tr.step(lambda mod, dt: 1e-3 * mod(torch.ones(1, 4, dtype=dt)).float().sum())
+    assert not over and not torch.equal(m.weight.detach(), before)
+
+
+def test_scale_grows_after_clean_steps_up_to_2_pow_20():
+    m = _lin(0.0)
+    tr = _mixed(m, tau=19, growth=2)
+    for _ in range(6):
+        tr.step(lambda mod, dt: 1e-6 * mod(torch.ones(1, 4, dtype=dt)).float().sum())
+    assert tr.tau == MAX_TAU
+
+
+def test_fp32_phase_monitors_then_the_trainer_switches_and_logs_the_epoch():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    tr = MixedPrecisionTrainer(model, opt, dtype=torch.float16, gate=PrecisionGate(l1=1.0, l2=0.5), init_tau=16)
+    x = torch.randn(16, 3)
+    big = lambda m, dt: 1e4 * m(x.to(dt)).float().pow(2).mean()  # grads * 2^16 beyond fp16's range
+    small = lambda m, dt: 1e-4 * m(x.to(dt)).float().pow(2).mean()
+    log, phases = [], []
+    for epoch in range(8):
+        phases.append(tr.gate.mixed)
+        for _ in range(2):
+            w_dtype_before = next(model.parameters()).dtype
+            tr.step(big if epoch < 2 else small)
+            assert w_dtype_before == next(model.parameters()).dtype == torch.float32  # masters stay FP32
+        log.append(tr.end_epoch(epoch))
+    flags = [row["overflow_epoch"] == 1.0 for row in log]
+    assert flags[:2] == [True, True] and not any(flags[2:])
+    # O = 2 keeps theta > 0 through E = 5 (4 - 2.5); at E = 6 the window holds one overflow: 1 - 3 <= 0
+    assert tr.gate.switch_epoch == ref_switch_epoch(flags, 1.0, 0.5) == 6
+    assert [row["mixed_precision"] == 1.0 for row in log] == phases == [e >= 6 for e in range(8)]
+    tr2 = MixedPrecisionTrainer(model, opt, dtype=torch.float16)
+    tr2.load_state_dict(tr.state_dict())
+    assert tr2.gate.switch_epoch == 6 and tr2.tau == tr.tau and tr2.gate.history == tr.gate.history
+
+
+@pytest.mark.parametrize("family,opts", [
+    ("mnet", {"branch_blocks": 4, "fuse_channels": 16}),
+    ("aesaf", {"widths": [8, 16], "group_maps": 2, "hidden": 8}),
+])
+def test_families_learn_through_the_gated_trainer(family, opts):
+    """Brightness decides the score: each family, trained through the gate (fp32 phase, then the
+    loss-scaled phase with fp32 arithmetic), must rank held-out images by it."""
+    from pipelines.metrics import dist_to_score, srcc
+    from pipelines.models import build, loss_terms
+
+    torch.manual_seed(0)
+    n = 40
+    bright = torch.rand(n, generator=torch.Generator().manual_seed(1)) * 0.8 + 0.1
+    x = bright.view(n, 1, 1, 1) * torch.ones(n, 3, 32, 32) + 0.05 * torch.randn(n, 3, 32, 32)
+    mu = 2 + 6 * bright
+    target = torch.softmax(-((torch.arange(1, 11).float()[None] - mu[:, None]) ** 2) / 2, 1)
+    train, held = torch.arange(0, 32), torch.arange(32, 40)
+    model = build(family, 10, opts)
+    tr = MixedPrecisionTrainer(model, torch.optim.Adam(model.parameters(), lr=3e-3), dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    for epoch in range(6):
+        model.train()
+        perm = train[torch.randperm(len(train), generator=g)]
+        for b in range(0, len(perm), 16):
+            r = perm[b : b + 16]
+            tr.step(lambda m, dt, r=r: loss_terms(family, m, m(x[r].to(dt)), target[r], opts, x[r])["loss"].float())
+        tr.end_epoch(epoch)
+    assert tr.gate.switch_epoch == 1  # no overflow: theta = -0.2 <= 0 after the first epoch
+    model.eval()
+    with torch.no_grad():
+        pred = dist_to_score(model(x[held])["probs"].numpy())
+    assert srcc(pred, mu[held].numpy()) > 0.8
