@@ -10,7 +10,8 @@ from pipelines.config import as_dict
 from pipelines.io import DataError, atomic_path, write_json
 from pipelines.metrics import dist_to_score, evaluate, lmh_mae, srcc
 from pipelines.tracking.runs import stage_run, weights_tags
-from pipelines.tracking.scoring import log_scoring_model, make_bundle, promote
+from pipelines.tracking import registry
+from pipelines.tracking.scoring import log_scoring_model, make_bundle
 from pipelines.embed.encode import read_text_embeddings
 from pipelines.train.data import load_features
 from pipelines.train.loops import load_head, predict_logits
@@ -133,12 +134,10 @@ def main() -> None:
         if p.evaluate.register:
             info = log_scoring_model(bundle, card, registered_name=p.mlflow.model_name, pip_requirements=_requirements())
             version = str(info.registered_model_version)
-            alias = promote(p.mlflow.model_name, version, "val_srcc", val_srcc[best])
-            from mlflow import MlflowClient
-
-            client = MlflowClient()
-            for k, v in {"data": p.data.name, **weights_tags(card), "test_srcc": f"{results[best]['srcc']:.4f}"}.items():
-                client.set_model_version_tag(p.mlflow.model_name, version, k, v)
+            test_metrics = {k: v for k, v in results[best].items() if v is not None}
+            tags = registry.version_tags(metrics={**test_metrics, "val_srcc": val_srcc[best]}, dataset=p.data.name, card=card)
+            registry.tag_version(p.mlflow.model_name, version, {**tags, "data": p.data.name, **weights_tags(card)})
+            alias = registry.promote(p.mlflow.model_name, version, "val_srcc", val_srcc[best])
             model_card.update({"registered": f"models:/{p.mlflow.model_name}/{version}", "alias": alias})
     if warning:
         model_card["WARNING"] = warning

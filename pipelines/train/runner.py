@@ -111,17 +111,19 @@ def worker_info() -> tuple[int, int, torch.device]:
 
 
 def load_resume_state(config: dict) -> dict | None:
-    """The state to continue from: Ray's restored checkpoint, else the stage's resume file."""
+    """The state to continue from: the later of Ray's restored checkpoint and the stage's
+    resume file (Ray may restore an older checkpoint than the last epoch rank 0 wrote)."""
     import ray.train
 
+    states = []
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+            states.append(torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False))
     path = Path(config["resume_path"])
     if path.exists():
-        return torch.load(path, map_location="cpu", weights_only=False)
-    return None
+        states.append(torch.load(path, map_location="cpu", weights_only=False))
+    return max(states, key=lambda s: s["epoch"], default=None)
 
 
 def report_epoch(metrics: dict[str, float], state: dict | None, config: dict, rank: int) -> None:

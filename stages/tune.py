@@ -1,0 +1,166 @@
+"""Ray Tune search over one stage's hyper-parameters (a CLI, not a DVC stage).
+
+    python -m stages.tune --space config/tune_space.yaml --stage head
+    python -m stages.tune --space config/tune_space.yaml --stage pretrain --num-samples 8
+    python -m stages.tune --space config/tune_space.yaml --stage pseudo
+
+Stages (each trial trains through the stage's own loop with Ray Train):
+- ``head``: the head on the current features and CR encoder (``models/cr_encoder.pt``);
+- ``pretrain``: E_CR pretraining, then a head on top; scored by the head's validation metric
+  (the contrastive loss alone does not compare across temperatures);
+- ``pseudo``: APDS pseudo-labels from ``models/head.pt`` with the trial's
+  ``pseudo_search.*`` values, then self-training; scored by the self-trained head.
+
+Writes ``<out>/best_params.yaml`` (a params.yaml fragment) and ``<out>/best.json`` (with the
+``dvc exp run -S ...`` arguments). Needs the upstream DVC outputs (``dvc repro head``
+first). On a cluster: ``RAY_ADDRESS`` set, ``IAA_RUNS_DIR`` on shared storage, and
+``MLFLOW_TRACKING_URI`` a server every node reaches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import yaml
+
+from pipelines.config import Params
+from pipelines.io import DataError, write_parquet
+from pipelines.train.loops import pretrain_loop, supervised_loop
+from pipelines.train.runner import runs_dir
+from pipelines.tune.search import Step, load_space, run_search, write_best
+from stages.common import FEATURES, INDEX, MODELS, cli
+from stages.head import head_config
+
+STAGES = ("head", "pretrain", "pseudo")
+
+
+def _abs(root: Path, path) -> str:
+    return str((root / path).resolve())
+
+
+def _head_step(p: Params, root: Path, cr_path: str | None, desc: str) -> Step:
+    c = head_config(p)
+    c.update({
+        "features_path": _abs(root, FEATURES), "cr_path": cr_path if p.head.use_cr else None,
+        "epochs": p.head.epochs, "lr": p.head.lr, "desc": desc,
+    })
+    return Step("head", supervised_loop, c)
+
+
+def head_steps(p: Params, trial_dir: Path, *, root: str) -> list[Step]:
+    root = Path(root)
+    return [_head_step(p, root, _abs(root, MODELS / "cr_encoder.pt"), "tune-head")]
+
+
+def pretrain_steps(p: Params, trial_dir: Path, *, root: str) -> list[Step]:
+    root = Path(root)
+    c = p.pretrain
+    cr = str(trial_dir / "cr_encoder.pt")
+    pre = Step("pretrain", pretrain_loop, {
+        "features_path": _abs(root, FEATURES), "index_path": _abs(root, INDEX), "epochs": c.epochs, "lr": c.lr,
+        "weight_decay": c.weight_decay, "tau": c.tau, "hidden": c.hidden, "dim": c.dim, "dropout": c.dropout,
+        "batches_per_cluster": c.batches_per_cluster, "low": p.index.low, "high": p.index.high,
+    }, save_to=cr)
+    return [pre, _head_step(p, root, cr, "tune-pretrain-head")]
+
+
+def pseudo_label_step(config: dict) -> None:
+    """APDS (beta, t) search on validation + pseudo labels (as stages/pseudo_search.py, no MLflow run)."""
+    from pipelines.selftrain.apds import apds_sharpen, grid_search, select_pseudo_labels
+    from pipelines.train.data import load_features
+    from pipelines.train.loops import load_head, predict_logits
+
+    feats = load_features(config["features_path"])
+    train, val, unl = feats.split_of("train"), feats.split_of("val"), feats.split_of("unlabeled")
+    rng = np.random.default_rng(config["seed"])
+    n_sub = max(1, int(round(config["val_fraction"] * len(val))))
+    val = val.take(np.sort(rng.choice(len(val), n_sub, replace=False)))
+    model = load_head(config["head_path"])
+    mean_score = float(np.mean(train.score))
+    result = grid_search(
+        predict_logits(model, val.tm, val.emb), val.score, mean_score, config["betas"], config["thresholds"],
+        min_selected=max(1, int(np.ceil(config["min_selected"] * len(val)))),
+    )
+    probs = apds_sharpen(predict_logits(model, unl.tm, unl.emb), mean_score, result["beta"])
+    selected = select_pseudo_labels(probs, result["t"])
+    write_parquet(config["out_path"], pa.table({
+        "image_id": pa.array(unl.image_id.tolist(), pa.string()),
+        "pseudo_dist": pa.array([r.tolist() for r in probs.astype(np.float32)], pa.list_(pa.float32())),
+        "selected": pa.array(selected.astype(bool)),
+    }))
+
+
+def pseudo_steps(p: Params, trial_dir: Path, *, root: str) -> list[Step]:
+    root = Path(root)
+    s = p.pseudo_search
+    pseudo = str(trial_dir / "pseudo_labels.parquet")
+    label = Step("pseudo_labels", pseudo_label_step, {
+        "features_path": _abs(root, FEATURES), "head_path": _abs(root, MODELS / "head.pt"), "out_path": pseudo,
+        "val_fraction": s.val_fraction, "betas": list(s.betas), "thresholds": list(s.thresholds), "min_selected": s.min_selected,
+    }, ray_train=False)
+    st = _head_step(p, root, _abs(root, MODELS / "cr_encoder.pt"), "tune-selftrain")
+    st.name = "selftrain"
+    st.config.update({
+        "epochs": p.selftrain.epochs, "lr": p.selftrain.lr, "unlabeled_weight": p.selftrain.unlabeled_weight,
+        "init_path": _abs(root, MODELS / "head.pt"), "pseudo_path": pseudo,
+    })
+    return [label, st]
+
+
+BUILDERS = {"head": head_steps, "pretrain": pretrain_steps, "pseudo": pseudo_steps}
+NEEDS = {
+    "head": [FEATURES, MODELS / "cr_encoder.pt"], "pretrain": [FEATURES, INDEX],
+    "pseudo": [FEATURES, MODELS / "head.pt", MODELS / "cr_encoder.pt"],
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m stages.tune", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--space", required=True, help="search-space YAML (see config/tune_space.yaml)")
+    ap.add_argument("--stage", choices=STAGES, help="which stage to tune (default: the file's 'stage' key)")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--num-samples", type=int, help="override the file's num_samples")
+    ap.add_argument("--out", default=None, help="where best_params.yaml / best.json go (default tune/<stage>)")
+    ap.add_argument("--name", default=None, help="experiment name (Ray Tune dir and MLflow parent run)")
+    ap.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (ignored with RAY_ADDRESS)")
+    return ap.parse_args(argv)
+
+
+@cli
+def main(argv=None) -> None:
+    from pipelines.config import load_params
+    from pipelines.tracking.runs import setup
+
+    args = parse_args(argv)
+    space = load_space(args.space, args.stage)
+    if space.stage not in STAGES:
+        raise DataError(f"{args.space}: stage = {space.stage!r}; use one of {STAGES}.")
+    if args.num_samples:
+        space.num_samples = args.num_samples
+    p = load_params(args.params)
+    raw = yaml.safe_load(Path(args.params).read_text(encoding="utf-8")) or {}
+    root = Path.cwd()
+    missing = [str(x) for x in NEEDS[space.stage] if not (root / x).exists() and not (x == MODELS / "cr_encoder.pt" and not p.head.use_cr)]
+    if missing:
+        raise DataError(f"tune --stage {space.stage} needs {', '.join(missing)}; run `dvc repro` up to that stage first.")
+    uri = setup(p.mlflow)
+    result = run_search(
+        space, raw, functools.partial(BUILDERS[space.stage], root=str(root)), tracking_uri=uri,
+        experiment=p.mlflow.experiment, work_dir=runs_dir() / "tune", name=args.name, num_cpus=args.num_cpus,
+    )
+    out = Path(args.out or Path("tune") / space.stage)
+    paths = write_best(result, out, metric=space.metric)
+    print(f"best {space.metric} = {result.best_value:.4f} (trial {result.best_trial})")
+    print(f"params fragment: {paths['yaml']}\nsummary: {paths['json']}")
+    import json
+
+    print(json.loads(paths["json"].read_text())["dvc_command"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Ray Tune search over the head: real Ray (2 CPUs), real Ray Train workers, real MLflow (sqlite)."""
+
+import functools
+import json
+
+import pytest
+import yaml
+
+from pipelines.config import MlflowParams
+from pipelines.io import DataError
+from pipelines.tracking.runs import setup
+from pipelines.tune.search import apply_overrides, load_space, max_concurrent_trials, run_search, set_args, write_best
+from stages.tune import head_steps
+from tests.synthetic import make_features
+
+RAW = {
+    "seed": 0,
+    "head": {
+        "epochs": 3, "lr": 0.003, "batch_size": 32, "tm_dim": 8, "cr_dim": 8, "hidden": 16, "dropout": 0.0,
+        "use_cr": False, "tfa": False, "flsa": False, "lr_decay": 0.95,
+    },
+}
+
+
+def write_space(path, **extra):
+    space = {
+        "stage": "head", "metric": "val_srcc", "mode": "max", "num_samples": 1,
+        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        "trial_ray": {"num_workers": 1, "cpus_per_worker": 1},
+        "fixed": {"head.epochs": 4},
+        "space": {"head.lr": {"grid": [1.0e-6, 1.0e-2]}, "head.hidden": {"choice": [16]}},
+        **extra,
+    }
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def test_space_file_errors_name_the_file_and_key(tmp_path):
+    good = load_space(write_space(tmp_path / "s.yaml"))
+    assert good.num_samples == 1 and good.trial_ray.num_workers == 1
+    bad = write_space(tmp_path / "bad.yaml", space={"head.lr": {"logunifrm": [1e-4, 1e-2]}})
+    with pytest.raises(DataError, match=r"bad\.yaml.*space\.head\.lr"):
+        load_space(bad)
+    local = write_space(tmp_path / "local.yaml", trial_ray={"num_workers": 0})
+    with pytest.raises(DataError, match="local mode"):
+        load_space(local)
+    with pytest.raises(DataError, match=r"'head\.hiden'"):
+        apply_overrides(RAW, {"head.hiden": 3}, "s.yaml")
+    with pytest.raises(DataError, match=r"'head\.hidden'"):
+        apply_overrides(RAW, {"head.hidden": "big"}, "s.yaml")
+    assert apply_overrides(RAW, {"head.lr": 0.5}, "s.yaml").head.lr == 0.5
+
+
+def test_cpu_budget_never_oversubscribes():
+    from pipelines.config import TrainParams
+    from pipelines.tune.search import SearchSpace
+
+    s = SearchSpace("x", "head", "val_srcc", "max", 4, {"head.lr": {"choice": [1]}}, trial_ray=TrainParams(num_workers=1))
+    assert max_concurrent_trials(s, 2.0) == 2
+    s.trial_ray = TrainParams(num_workers=2, cpus_per_worker=1)
+    assert max_concurrent_trials(s, 2.0) == 1
+    s.trial_ray = TrainParams(num_workers=3)
+    assert max_concurrent_trials(s, 2.0) == 1  # still one trial, never zero
+    s.max_concurrent = 1
+    s.trial_ray = TrainParams(num_workers=1)
+    assert max_concurrent_trials(s, 8.0) == 1
+
+
+def test_set_args_round_trip():
+    args = set_args({"head.lr": 0.001, "head.tfa": False, "head.hidden": 256})
+    assert args == ["head.hidden=256", "head.lr=0.001", "head.tfa=false"]
+
+
+@pytest.fixture()
+def ray_2cpu():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow  # ~90 s on 2 shared CPUs: two trials, each a Tune actor + Train controller + worker
+def test_head_search_asha_mlflow_children_and_best_fragment(tmp_path, monkeypatch, ray_2cpu):
+    monkeypatch.chdir(tmp_path)
+    make_features(tmp_path / "data" / "features" / "features.parquet")
+    uri = setup(MlflowParams(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_root=str(tmp_path / "art"), experiment="tune-test"))
+    space = load_space(write_space(tmp_path / "space.yaml"))
+    result = run_search(
+        space, RAW, functools.partial(head_steps, root=str(tmp_path)), tracking_uri=uri, experiment="tune-test",
+        work_dir=tmp_path / "runs", name="t1",
+    )
+    assert len(result.trials) == 2 and all(t["error"] is None for t in result.trials), result.trials
+    # ASHA with max_t = head.epochs (the fixed value), never more
+    assert all(1 <= t["epochs"] <= 4 for t in result.trials)
+    best = next(t for t in result.trials if t["trial_id"] == result.best_trial)
+    assert best["epochs"] == 4
+    # lr = 1e-6 learns nothing: the synthetic score is linear in the embedding, so a trained head wins
+    assert result.best_params["head.lr"] == 1e-2
+    assert result.best_value > 0.3
+    assert result.best_params["head.epochs"] == 4
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("tune-test")
+    children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
+    assert {r.data.tags["trial_id"] for r in children} == {t["trial_id"] for t in result.trials}
+    for r in children:
+        t = next(t for t in result.trials if t["trial_id"] == r.data.tags["trial_id"])
+        assert r.info.status == ("FINISHED" if t["epochs"] == 4 else "KILLED")
+        assert r.data.tags["early_stopped"] == str(t["epochs"] < 4).lower()
+        hist = client.get_metric_history(r.info.run_id, "val_srcc")
+        # per-epoch metrics from the Ray Train worker, by run id (a stopped trial's worker may log an
+        # epoch or two more before Tune's stop reaches it)
+        assert len(hist) == 4 if t["epochs"] == 4 else len(hist) >= t["epochs"]
+        assert float(r.data.params["head.lr"]) == t["params"]["head.lr"]
+    parent = client.get_run(result.parent_run_id)
+    assert parent.data.tags["best_trial"] == result.best_trial
+
+    paths = write_best(result, tmp_path / "out", metric="val_srcc")
+    frag = yaml.safe_load(paths["yaml"].read_text())
+    assert frag["head"]["lr"] == result.best_params["head.lr"] and frag["head"]["epochs"] == 4
+    # the fragment merges into params.yaml and validates
+    merged = {**RAW, "head": {**RAW["head"], **frag["head"]}}
+    assert apply_overrides(merged, {}, "best_params.yaml").head.hidden == result.best_params["head.hidden"]
+    summary = json.loads(paths["json"].read_text())
+    assert f"head.lr={result.best_params['head.lr']}" in summary["set_args"]
+    assert summary["dvc_command"].startswith("dvc exp run -S ")
+
+
+def test_pretrain_and_pseudo_trials_chain_their_steps(tmp_path):
+    """The multi-step trials: pretrain feeds the head its encoder; pseudo labels feed self-training."""
+    import pandas as pd
+    import torch
+
+    from pipelines.train.loops import head_from_arch
+    from stages.tune import pretrain_steps, pseudo_label_step, pseudo_steps
+
+    make_features(tmp_path / "data" / "features" / "features.parquet")
+    p = apply_overrides(RAW, {"pretrain.tau": 0.2, "selftrain.unlabeled_weight": 0.5, "head.use_cr": True}, "s.yaml")
+    pre, head = pretrain_steps(p, tmp_path / "trial", root=str(tmp_path))
+    assert pre.config["tau"] == 0.2 and pre.save_to == head.config["cr_path"] == str(tmp_path / "trial" / "cr_encoder.pt")
+    assert head.config["features_path"] == str(tmp_path / "data" / "features" / "features.parquet")
+
+    arch = {"tm_in": 14, "n_levels": 10, "cr_spec": None, "head": {**p.__dict__["head"].__dict__, "use_cr": False}}
+    arch["head"].pop("ray")
+    (tmp_path / "models").mkdir()
+    torch.save({"arch": arch, "model": head_from_arch(arch).state_dict()}, tmp_path / "models" / "head.pt")
+    label, st = pseudo_steps(p, tmp_path / "trial", root=str(tmp_path))
+    assert not label.ray_train and st.config["pseudo_path"] == label.config["out_path"]
+    assert st.config["unlabeled_weight"] == 0.5 and st.config["init_path"] == str(tmp_path / "models" / "head.pt")
+    (tmp_path / "trial").mkdir()
+    pseudo_label_step({**label.config, "seed": 0, "betas": [0.0, 1.0], "thresholds": [0.0, 0.1], "min_selected": 0.0})
+    table = pd.read_parquet(label.config["out_path"])
+    assert len(table) > 0 and table["selected"].any()
+    assert all(abs(sum(d) - 1) < 1e-4 for d in table["pseudo_dist"])
