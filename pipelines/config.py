@@ -30,6 +30,7 @@ class DataParams:
     comments_format: str = "auto"
     # Binary-accuracy threshold on the data set's own 1..L scale (AVA convention: 5).
     threshold: float = 5.0
+    options: dict = field(default_factory=dict)  # adapter options, e.g. {split: tanet} for ava
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,12 @@ class EmbedParams:
     num_workers: int = 2
     chunk_rows: int = 512
     precision: str = "auto"
+    # "clip": encode with open_clip; "byo": import precomputed item / phrase embedding tables
+    source: str = "clip"
+    byo_items: str | None = None
+    byo_texts: str | None = None
+    byo_normalise: bool = False
+    byo_logit_scale: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,19 @@ def read_tags(kind: str) -> list[str]:
 def main() -> None:
     p = params()
     e = p.embed
+    if e.source not in ("clip", "byo"):
+        raise DataError(f"params.yaml: embed.source = {e.source!r}; use clip or byo.")
+    if e.source == "byo":  # bring your own embeddings: validate and write the same files
+        from pipelines.embed.byo import import_byo
+
+        if not (e.byo_items and e.byo_texts):
+            raise DataError("params.yaml: embed.source = byo needs embed.byo_items and embed.byo_texts (Parquet paths).")
+        import_byo(
+            e.byo_items, e.byo_texts, read_manifest(MANIFEST)["image_id"].tolist(),
+            read_tags("semantic"), read_tags("attribute"), EMBED,
+            normalise=e.byo_normalise, logit_scale=e.byo_logit_scale, seed=p.seed,
+        )
+        return
     # random-init weights (pretrained: none / fallback) are reproducible from the seed
     bundle = load_clip(e.model, e.pretrained, allow_random_fallback=e.allow_random_fallback, seed=p.seed)
     manifest = read_manifest(MANIFEST)

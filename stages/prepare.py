@@ -8,7 +8,7 @@ from stages.common import DATA, MANIFEST, cli, params
 @cli
 def main() -> None:
     p = params()
-    table, report = build_manifest(p.data.adapter, p.data.labels, p.data.images)
+    table, report = build_manifest(p.data.adapter, p.data.labels, p.data.images, **p.data.options)
     write_manifest(MANIFEST, table)
     write_json(DATA / "manifest_report.json", report)
 

@@ -1,0 +1,368 @@
+"""Real-feature benchmark: the pipeline's learning stages vs baselines, on one DEV split.
+
+    python benchmarks/bench_real.py [--data DIR] [--max-items N] [--out benchmarks/results/real.json]
+
+``--data`` (default ``$IAA_SHARED_DATA/bench/dpc_minilm``) holds ``items.parquet`` +
+``vocab.parquet`` in that folder's schema. The per-item embedding stands in for the CLIP image
+embedding and the vocab embeddings for the tag text embeddings. Everything below calls the
+pipeline's own library code (no DVC), with Ray Train in local mode (``num_workers = 0``):
+
+1. tag library: ``pipelines.tags.build_tag_library`` on the comment corpora in
+   ``$IAA_SHARED_DATA/comments`` (DPC-Captions, PCCD, Food-IAC), restricted to the vocabulary;
+2. TM features (``tag_matching``) from the vocab embeddings, K-means clusters fitted on train;
+3. balanced index (``build_index``) -> contrastive pretraining of E_CR (``pretrain_loop``);
+4. head with TFA + FLSA (``supervised_loop``);
+5. APDS (beta, t) search (``grid_search``) on labelled val -> pseudo labels for the unlabelled pool;
+6. self-training (``supervised_loop`` with pseudo labels).
+
+The unlabelled pool: half of the val rows with their labels hidden (``--unlabeled val_half``,
+default; the other half is the labelled val for the search and for baselines' model
+selection), or the test images without labels (``--unlabeled test``, transductive).
+Hyper-parameters are the pipeline's ``params.yaml`` values. Baselines on the same split: ridge,
+a LAION-style linear head (MSE), a plain MLP with EMD loss. Ablations: TM only, CR only,
+no balanced sampling (E_CR pretrained on same-size batches drawn at random within the
+cluster), no TFA/FLSA, no self-training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.real_data import (  # noqa: E402
+    dist_metrics,
+    laion_baseline,
+    load_bench,
+    mlp_emd_baseline,
+    ridge_baseline,
+    score_metrics,
+    shared_data,
+)
+from pipelines.config import TrainParams, as_dict, load_params  # noqa: E402
+from pipelines.io import write_json, write_parquet  # noqa: E402
+from pipelines.metrics import dist_to_score, srcc  # noqa: E402
+from pipelines.ranking.index import build_index  # noqa: E402
+from pipelines.selftrain.apds import apds_sharpen, grid_search, select_pseudo_labels  # noqa: E402
+from pipelines.semantics import semantic_clusters, tag_matching  # noqa: E402
+from pipelines.tags.library import build_tag_library  # noqa: E402
+from pipelines.train.data import load_features, write_features_table  # noqa: E402
+from pipelines.train.loops import load_head, predict_logits, pretrain_loop, supervised_loop  # noqa: E402
+from pipelines.train.runner import run_training  # noqa: E402
+
+LOCAL = TrainParams(num_workers=0, use_gpu=False, cpus_per_worker=1)
+CORPORA = ("dpc_captions/impression_and_subject.json", "pccd", "food_iac/data")
+COLUMNS = [
+    ("srcc", "SRCC"), ("plcc", "PLCC"), ("mse", "MSE"), ("acc", "ACC"), ("emd1", "EMD1"), ("emd2", "EMD2"),
+    ("mae_L", "MAE_L"), ("mae_M", "MAE_M"), ("mae_H", "MAE_H"),
+    ("lt_mse_few", "Few"), ("lt_mse_med", "Med"), ("lt_mse_many", "Many"), ("wall_s", "wall s"),
+]
+
+
+def build_tags(vocab: list[str], out: Path, max_sem: int, max_attr: int, comments: Path) -> tuple[list[str], list[str], dict]:
+    """The tags stage on the real corpora (no caps), then restricted to the vocab, then capped."""
+    paths = [comments / c for c in CORPORA if (comments / c).exists()]
+    report = build_tag_library(
+        paths, out, cfg={"min_count": 5, "max_ngram": 2, "max_semantic": 100000, "max_attribute": 100000},
+        filter_path=ROOT / "config" / "tag_filter.txt", replay_path=ROOT / "config" / "llm_replay.jsonl",
+    )
+    vset = set(vocab)
+    kept, info = {}, {"corpora": [str(p) for p in paths], "comments": report["corpus"]["comments"]}
+    for kind, cap in (("semantic", max_sem), ("attribute", max_attr)):
+        tags = [t for t in (out / f"{kind}.txt").read_text().splitlines() if t]
+        inside = [t for t in tags if t in vset]
+        kept[kind] = inside[:cap]
+        info[kind] = {"library": len(tags), "in_vocab": len(inside), "kept": len(kept[kind]),
+                      "not_in_vocab_dropped": len(tags) - len(inside), "examples": kept[kind][:12]}
+    return kept["semantic"], kept["attribute"], info
+
+
+def natural_index(index: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """'No balanced sampling': same batches per cluster and same batch size, members drawn at random.
+
+    Each cluster's members are pooled and dealt at random into as many groups as it has bins,
+    so the sampler's per-group quota draws from the cluster's natural score distribution.
+    """
+    rng = np.random.default_rng(seed)
+    rows = []
+    for c, g in index[index["active"]].groupby("cluster"):
+        pool = rng.permutation(np.concatenate(list(g["members"])))
+        for k, part in enumerate(np.array_split(pool, len(g))):
+            rows.append({"cluster": c, "bin": k, "count": len(part), "members": np.sort(part).astype(np.int64),
+                         "n_s": int(g["n_s"].iloc[0]), "active": True})
+    return pd.DataFrame(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=shared_data() / "bench" / "dpc_minilm")
+    ap.add_argument("--comments", type=Path, default=shared_data() / "comments")
+    ap.add_argument("--max-items", type=int, default=None, help="subsample train to this many rows (speed)")
+    ap.add_argument("--val-fraction", type=float, default=0.2, help="train hold-out when the data has no val rows")
+    ap.add_argument("--unlabeled", choices=("val_half", "test"), default="val_half")
+    ap.add_argument("--max-semantic", type=int, default=256)
+    ap.add_argument("--max-attribute", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a pipeline param for this run, e.g. --set head.protocol=fine_tune (repeatable)")
+    ap.add_argument("--variants", default="full,tm,cr,natural,notfa",
+                    help="comma list of pipeline rows: full (also gives 'no self-training'), tm, cr, natural, notfa")
+    ap.add_argument("--skip-baselines", action="store_true")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared)")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "real.json")
+    args = ap.parse_args()
+    t_all = time.perf_counter()
+    torch.set_num_threads(max(1, args.threads))
+    p = load_params_with(args.params, args.overrides)
+    variants = set(args.variants.split(","))
+    seed = args.seed
+    d = load_bench(args.data, val_fraction=args.val_fraction, max_items=args.max_items, seed=seed)
+    rng = np.random.default_rng(seed)
+    split = d.split.copy()
+    if args.unlabeled == "val_half":
+        va = np.flatnonzero(split == "val")
+        split[rng.choice(va, len(va) // 2, replace=False)] = "unlabeled"
+    d.split = split
+    counts = {s: int((split == s).sum()) for s in ("train", "val", "unlabeled", "test")}
+    print(f"data {args.data}: {counts}; " + "; ".join(d.notes), flush=True)
+    tr, te = split == "train", split == "test"
+    train_scores = d.score[tr]
+    rows: dict[str, dict] = {}
+
+    va = split == "val"
+
+    def record(name: str, m: dict, wall: float, val_pred=None, **extra) -> None:
+        rows[name] = {**m, "wall_s": round(wall, 1), **extra}
+        if val_pred is not None:
+            rows[name]["val_srcc"] = srcc(val_pred, d.score[va])
+        elif "val_srcc" in extra.get("info", {}):
+            rows[name]["val_srcc"] = extra["info"]["val_srcc"]
+        print(f"  {name}: SRCC {m['srcc']:.4f}  MAE L/M/H {m['mae_L']:.3f}/{m['mae_M']:.3f}/{m['mae_H']:.3f}"
+              f"  val SRCC {rows[name].get('val_srcc', float('nan')):.4f}  ({wall:.1f}s)", flush=True)
+
+    # ---- baselines --------------------------------------------------------------------------
+    if not args.skip_baselines:
+        t = time.perf_counter()
+        pred, info = ridge_baseline(d)
+        record("baseline: ridge", score_metrics(pred, d.dist[te], train_scores, seed), time.perf_counter() - t, info=info)
+        t = time.perf_counter()
+        pred, info = laion_baseline(d, seed)
+        record("baseline: LAION-style head (MSE)", score_metrics(pred, d.dist[te], train_scores, seed), time.perf_counter() - t, info=info)
+        t = time.perf_counter()
+        pred, info = mlp_emd_baseline(d, seed)
+        record("baseline: MLP (EMD)", dist_metrics(pred, d.dist[te], train_scores, seed), time.perf_counter() - t, info=info)
+
+    with tempfile.TemporaryDirectory(prefix="bench_real_") as tmp:
+        tmp = Path(tmp)
+        os.environ["IAA_RUNS_DIR"] = str(tmp / "runs")
+        # ---- tags -> TM -> clusters -> features table -> index ------------------------------
+        t_prep = time.perf_counter()
+        sem, attr, tag_info = build_tags(d.phrases, tmp / "tags", args.max_semantic, args.max_attribute, args.comments)
+        pos = {ph: i for i, ph in enumerate(d.phrases)}
+        tags = sem + attr
+        kinds = ["semantic"] * len(sem) + ["attribute"] * len(attr)
+        tag_emb = d.phrase_emb[[pos[x] for x in tags]]
+        sim_sem, sim_attr = tag_matching(d.emb, tag_emb, kinds, scale=1.0)
+        clusters = semantic_clusters(sim_sem, p.features.n_clusters, seed, fit_mask=tr)
+        labelled = np.isin(split, ("train", "val", "test"))
+        score = np.where(labelled, d.score, np.nan).astype(np.float32)
+        dist = np.where(labelled[:, None], d.dist, np.nan).astype(np.float32)
+        features = tmp / "features.parquet"
+        write_features_table(features, image_id=d.image_id, split=split, score=score, dist=dist, cluster=clusters,
+                             tm=np.concatenate([sim_sem, sim_attr], 1), emb=d.emb)
+        feats = load_features(features)
+        ftrain = feats.split_of("train")
+        index, index_report = build_index(ftrain.cluster, ftrain.score, low=p.index.low, high=p.index.high,
+                                          n_per_bin=p.index.n_per_bin)
+        index_paths = {"balanced": tmp / "index.parquet", "natural": tmp / "index_natural.parquet"}
+        write_parquet(index_paths["balanced"], index)
+        write_parquet(index_paths["natural"], natural_index(index, seed))
+        prep_s = time.perf_counter() - t_prep
+        print(f"  prep (tags {len(sem)}+{len(attr)}, TM, {p.features.n_clusters} clusters, index): {prep_s:.1f}s", flush=True)
+
+        # ---- contrastive pretraining (balanced, and natural for the ablation) ---------------
+        c = p.pretrain
+        cr_paths, pre_s = {}, {}
+        for kind in ("balanced", "natural") if "natural" in variants else ("balanced",):
+            t = time.perf_counter()
+            cfg = {"features_path": str(features), "index_path": str(index_paths[kind]), "epochs": c.epochs,
+                   "lr": c.lr, "weight_decay": c.weight_decay, "tau": c.tau, "hidden": c.hidden, "dim": c.dim,
+                   "dropout": c.dropout, "batches_per_cluster": c.batches_per_cluster, "low": p.index.low,
+                   "high": p.index.high, "seed": seed}
+            state = run_training(pretrain_loop, cfg, LOCAL, stage=f"pretrain-{kind}",
+                                 inputs=[str(features), str(index_paths[kind])])
+            cr_paths[kind] = tmp / f"cr_{kind}.pt"
+            torch.save(state, cr_paths[kind])
+            pre_s[kind] = time.perf_counter() - t
+            print(f"  pretrain ({kind}): {pre_s[kind]:.1f}s", flush=True)
+
+        head_base = as_dict(p.head)
+        head_base.pop("ray")
+        ps = p.pseudo_search
+        val = feats.split_of("val")
+        unl = feats.split_of("unlabeled" if args.unlabeled == "val_half" else "test")
+        test = feats.split_of("test")
+        mean_score = float(np.mean(ftrain.score))
+
+        def predict(model_path: Path, on=None) -> np.ndarray:
+            on = test if on is None else on
+            m = load_head(model_path)
+            return torch.softmax(torch.from_numpy(predict_logits(m, on.tm, on.emb)), 1).numpy()
+
+        def val_score(model_path: Path) -> np.ndarray:
+            return dist_to_score(predict(model_path, val))
+
+        def variant(name: str, *, cr: str = "balanced", selftrain: bool = True, **head_over) -> None:
+            t0 = time.perf_counter()
+            h = {**head_base, **head_over}
+            cfg = {"features_path": str(features), "cr_path": str(cr_paths[cr]) if h["use_cr"] else None, "head": h,
+                   "epochs": p.head.epochs, "lr": p.head.lr, "desc": "head", "seed": seed}
+            inputs = [str(features)] + ([str(cr_paths[cr])] if h["use_cr"] else [])
+            state = run_training(supervised_loop, cfg, LOCAL, stage=f"head-{name}", inputs=inputs)
+            head_path = tmp / f"head-{name.replace(' ', '_').replace('/', '_')}.pt"
+            torch.save(state, head_path)
+            pre = pre_s[cr] if h["use_cr"] else 0.0
+            wall_head = time.perf_counter() - t0 + prep_s + pre
+            if not selftrain:
+                record(name, dist_metrics(predict(head_path), test.dist, train_scores, seed), wall_head,
+                       val_pred=val_score(head_path))
+                return
+            # APDS search on labelled val, pseudo labels for the unlabelled pool
+            model = load_head(head_path)
+            n_sub = max(1, int(round(ps.val_fraction * len(val))))
+            sub = val.take(np.sort(np.random.default_rng(seed).choice(len(val), n_sub, replace=False)))
+            res = grid_search(predict_logits(model, sub.tm, sub.emb), sub.score, mean_score, ps.betas, ps.thresholds,
+                              min_selected=max(1, int(np.ceil(ps.min_selected * len(sub)))))
+            probs = apds_sharpen(predict_logits(model, unl.tm, unl.emb), mean_score, res["beta"])
+            selected = select_pseudo_labels(probs, res["t"])
+            pseudo = tmp / f"pseudo-{head_path.stem}.parquet"
+            write_parquet(pseudo, pa.table({
+                "image_id": pa.array(unl.image_id.tolist(), pa.string()),
+                "pseudo_dist": pa.array([r.tolist() for r in probs.astype(np.float32)], pa.list_(pa.float32())),
+                "pred_score": pa.array(dist_to_score(probs).astype(np.float32)),
+                "max_prob": pa.array(probs.max(1).astype(np.float32)),
+                "selected": pa.array(selected.astype(bool)),
+            }))
+            s = p.selftrain
+            cfg_s = {**cfg, "epochs": s.epochs, "lr": s.lr, "unlabeled_weight": s.unlabeled_weight,
+                     "init_path": str(head_path), "pseudo_path": str(pseudo), "desc": "selftrain"}
+            state = run_training(supervised_loop, cfg_s, LOCAL, stage=f"selftrain-{name}", inputs=inputs + [str(pseudo)])
+            st_path = tmp / f"st-{head_path.stem}.pt"
+            torch.save(state, st_path)
+            apds = {"beta": res["beta"], "t": res["t"], "val_mae": res["mae"], "val_n": len(sub),
+                    "unlabeled_n": len(unl), "unlabeled_selected": int(selected.sum())}
+            record(name, dist_metrics(predict(st_path), test.dist, train_scores, seed),
+                   time.perf_counter() - t0 + prep_s + pre, val_pred=val_score(st_path), apds=apds)
+            if name == "TMCR+ELTA (full)":
+                record("ablation: no self-training", dist_metrics(predict(head_path), test.dist, train_scores, seed),
+                       wall_head, val_pred=val_score(head_path))
+
+        if "full" in variants:
+            variant("TMCR+ELTA (full)")
+        if "tm" in variants:
+            variant("ablation: TM only", use_cr=False)
+        if "cr" in variants:
+            variant("ablation: CR only", use_tm=False)
+        if "natural" in variants:
+            variant("ablation: no balanced sampling", cr="natural")
+        if "notfa" in variants:
+            variant("ablation: no TFA/FLSA", tfa=False, flsa=False)
+
+    total = time.perf_counter() - t_all
+    base = [k for k in rows if k.startswith("baseline")]
+    goal = None
+    if base and "TMCR+ELTA (full)" in rows:
+        goal = goal_check(rows, base)
+    print_table(rows)
+    print("\n" + markdown_table(rows))
+    if goal:
+        print(f"\nbest baseline by SRCC: {goal['best_baseline']}; full pipeline SRCC gain {goal['srcc_gain']:+.4f} (goal >= +0.02: "
+              f"{'met' if goal['srcc_goal_met'] else 'NOT met'}); L MAE cut {goal['mae_L_cut']:+.1%}, "
+              f"H MAE cut {goal['mae_H_cut']:+.1%} (goal >= 15 % each: {'met' if goal['lh_goal_met'] else 'NOT met'})")
+    print(f"total wall {total:.0f}s")
+    write_json(args.out, {
+        "data": str(args.data), "split_counts": counts, "notes": d.notes, "unlabeled_pool": args.unlabeled,
+        "seed": seed, "overrides": args.overrides, "tags": tag_info,
+        "index": {k: index_report[k] for k in ("n_active_clusters", "inactive_clusters", "n_per_bin")},
+        "params": {"pretrain": as_dict(p.pretrain), "head": head_base, "pseudo_search": as_dict(ps),
+                   "selftrain": as_dict(p.selftrain), "n_clusters": p.features.n_clusters},
+        "rows": rows, "goal": goal, "total_wall_s": round(total, 1), "markdown": markdown_table(rows),
+        "torch_threads": torch.get_num_threads(),
+    })
+    print(f"wrote {args.out}")
+
+
+def load_params_with(path: Path, overrides: list[str]):
+    """``load_params`` after applying ``KEY=VALUE`` overrides (values parsed as YAML)."""
+    import yaml
+
+    raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+        node = raw
+        *parents, leaf = key.split(".")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = yaml.safe_load(value)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
+        yaml.safe_dump(raw, fh)
+    try:
+        return load_params(fh.name)
+    finally:
+        os.unlink(fh.name)
+
+
+def goal_check(rows: dict, base: list[str]) -> dict:
+    best = max(base, key=lambda k: rows[k]["srcc"])
+    full = rows["TMCR+ELTA (full)"]
+    goal = {
+        "best_baseline": best,
+        "srcc_gain": full["srcc"] - rows[best]["srcc"],
+        "srcc_goal_met": full["srcc"] - rows[best]["srcc"] >= 0.02,
+        "mae_L_cut": 1 - full["mae_L"] / rows[best]["mae_L"],
+        "mae_H_cut": 1 - full["mae_H"] / rows[best]["mae_H"],
+    }
+    goal["lh_goal_met"] = goal["mae_L_cut"] >= 0.15 and goal["mae_H_cut"] >= 0.15
+    return goal
+
+
+def markdown_table(rows: dict[str, dict]) -> str:
+    """The table as Markdown (for the README's Performance section)."""
+    cols = COLUMNS + [("val_srcc", "val SRCC")]
+    out = ["| model | " + " | ".join(h for _, h in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, r in rows.items():
+        cells = []
+        for k, _ in cols:
+            v = r.get(k)
+            cells.append("–" if v is None else (f"{v:.0f}" if k == "wall_s" else f"{v:.3f}"))
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def print_table(rows: dict[str, dict]) -> None:
+    w = max(len(k) for k in rows) + 2
+    print("\n" + "model".ljust(w) + "".join(h.rjust(8) for _, h in COLUMNS))
+    for name, r in rows.items():
+        cells = []
+        for k, _ in COLUMNS:
+            v = r.get(k)
+            cells.append("-".rjust(8) if v is None else (f"{v:8.1f}" if k == "wall_s" else f"{v:8.4f}"))
+        print(name.ljust(w) + "".join(cells))
+
+
+if __name__ == "__main__":
+    main()
