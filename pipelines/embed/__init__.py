@@ -2,9 +2,9 @@
 
 Public API::
 
-    load_clip(model, pretrained, *, allow_random_fallback=False, device="cpu") -> ClipBundle
+    load_clip(model, pretrained, *, allow_random_fallback=False, device="cpu", seed=None) -> ClipBundle
     embed_images(bundle, items, out_dir, *, batch_size=64, num_workers=2, chunk_rows=512,
-                 precision="auto", fingerprint=None, progress=True) -> report dict
+                 precision="auto" | "fp32" | "int8" | "bf16", fingerprint=None, progress=True) -> report
     read_image_embeddings(out_dir) -> (ids, N x D float32)
     embed_texts(bundle, texts, batch_size=256) -> N x D float32
     write_text_embeddings(path, tags, kinds, emb) / read_text_embeddings(path)
