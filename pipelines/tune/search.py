@@ -223,7 +223,8 @@ def _fit(step: Step, config: dict, ray_params: TrainParams, storage: Path, repor
     resources = {"CPU": ray_params.cpus_per_worker, **({"GPU": 1} if ray_params.use_gpu else {})}
     trainer = TorchTrainer(
         functools.partial(_recorded_loop, loop=step.loop, record=str(storage.parent / PG_RECORD)),
-        train_loop_config=config,
+        # ASHA decides on per-epoch results: report (and checkpoint) every epoch
+        train_loop_config={**config, "checkpoint_every": 1} if report_to_tune else config,
         scaling_config=ScalingConfig(num_workers=ray_params.num_workers, use_gpu=ray_params.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=step.name, storage_path=str(storage), callbacks=callbacks,
