@@ -166,16 +166,25 @@ class Params:
     mlflow: MlflowParams = field(default_factory=MlflowParams)
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate ``params.yaml``."""
+def read_yaml(path: str | Path, missing_hint: str) -> Any:
+    """A YAML file's content; a missing or invalid file is a DataError naming it."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: params file not found; run from the repository root.")
+        raise DataError(f"{path}: file not found; {missing_hint}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise DataError(f"{path}: not valid YAML ({exc}).") from exc
-    return _build(Params, raw, str(path), "")
+
+
+def params_from_dict(raw: Any, source: str = "params.yaml") -> Params:
+    """Validate a params mapping (as read from ``source``)."""
+    return _build(Params, raw, source, "")
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``."""
+    return params_from_dict(read_yaml(path, "run from the repository root."), str(path))
 
 
 def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:

@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from pipelines.config import Params, TrainParams, _build, as_dict
+from pipelines.config import Params, TrainParams, _build, as_dict, params_from_dict, read_yaml
 from pipelines.io import DataError, atomic_path, write_json
 from stages.common import MANIFEST, METRICS, MODELS, cli
 
@@ -84,12 +83,7 @@ class ModelParams:
 
 def load_family_params(path: str | Path = "params.yaml") -> tuple[Params, ModelParams]:
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: params file not found; run from the repository root.")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise DataError(f"{path}: not valid YAML ({exc}).") from exc
+    raw = read_yaml(path, "run from the repository root.")
     model_raw = raw.pop("model", None)
     if model_raw is None:
         raise DataError(f"{path}: no 'model' block; add `model: {{family: mnet}}` (see README, model families).")
@@ -110,7 +104,7 @@ def load_family_params(path: str | Path = "params.yaml") -> tuple[Params, ModelP
             raise DataError(f"{path}: model.{key} = {value!r}; use one of {', '.join(allowed)}.")
     if len(model.stage2_size) != 2 or min(model.stage2_size) < 1:
         raise DataError(f"{path}: model.stage2_size = {model.stage2_size!r}; give [height, width].")
-    return _build(Params, raw, str(path), ""), model
+    return params_from_dict(raw, str(path)), model
 
 
 def family_config(m: ModelParams, seed: int) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from pipelines.config import Params, TrainParams, load_params
+from pipelines.config import Params, TrainParams, params_from_dict, read_yaml
 from pipelines.io import DataError, atomic_path, write_json, write_text
 
 SAMPLERS = ("loguniform", "uniform", "quniform", "randint", "choice", "grid")
@@ -89,12 +89,7 @@ def load_space(path: str | Path, stage: str | None = None) -> SearchSpace:
     """Read and check a search-space YAML file (see config/tune_space.yaml)."""
     path = Path(path)
     src = str(path)
-    if not path.exists():
-        raise DataError(f"{src}: search-space file not found.")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise DataError(f"{src}: not valid YAML ({exc}).") from exc
+    raw = read_yaml(path, "the search-space file is missing; see config/tune_space.yaml.")
     if not isinstance(raw, dict):
         raise DataError(f"{src}: the top level must be a mapping with a 'space' key.")
     unknown = sorted(set(raw) - _KNOWN)
@@ -182,14 +177,7 @@ def apply_overrides(raw: dict, overrides: dict[str, Any], source: str) -> Params
             if not isinstance(node, dict):
                 raise DataError(f"{source}: '{key}' does not name a params.yaml key.")
         node[parts[-1]] = value.item() if hasattr(value, "item") else value
-    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"tune-params-{os.getpid()}-{time.monotonic_ns()}.yaml"
-    tmp.write_text(yaml.safe_dump(raw), encoding="utf-8")
-    try:
-        return load_params(tmp)
-    except DataError as exc:
-        raise DataError(str(exc).replace(str(tmp), f"{source} (applied to params.yaml)")) from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    return params_from_dict(raw, f"{source} (applied to params.yaml)")
 
 
 def nest(flat: dict[str, Any]) -> dict[str, Any]:
