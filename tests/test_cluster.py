@@ -66,7 +66,8 @@ def test_training_job_against_a_local_ray_head(tmp_path):
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=1", f"--temp-dir={temp_dir}",
          "--include-dashboard=false", "--disable-usage-stats",
          f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
-         f"--min-worker-port={20000 + port % 20000}", f"--max-worker-port={20000 + port % 20000 + 200}"],
+         # worker ports below the kernel's ephemeral range, where _free_port() picks the others
+         f"--min-worker-port={10000 + port % 10000}", f"--max-worker-port={10000 + port % 10000 + 200}"],
         env=env, stdout=open(tmp_path / "head.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
