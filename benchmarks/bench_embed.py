@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipelines.embed import embed_images, load_clip, read_image_embeddings  # noqa: E402
-from pipelines.embed.encode import bf16_matmul_speedup  # noqa: E402
+from pipelines.hardware import bf16_matmul_speedup  # noqa: E402
 
 PHOTOS = [
     "astronaut", "coffee", "chelsea", "rocket", "camera", "moon", "brick", "grass", "gravel",

@@ -62,6 +62,7 @@ from pipelines.embed.cache import (
     write_text_embeddings,
 )
 from pipelines.embed.clip import ClipBundle
+from pipelines.hardware import bf16_matmul_speedup
 from pipelines.io import DataError
 
 log = logging.getLogger(__name__)
@@ -456,25 +457,6 @@ BUILDERS: dict[str, Callable[[ClipBundle], Encoder]] = {
     "int8": build_int8,
     "bf16": build_bf16,
 }
-
-
-def bf16_matmul_speedup(n: int = 128, k: int = 512, reps: int = 3) -> float:
-    """fp32 time / bf16 time of an n x k @ k x k matmul (best of ``reps``); > 1: bf16 faster."""
-
-    def best(dtype: torch.dtype) -> float:
-        a, b = torch.randn(n, k, dtype=dtype), torch.randn(k, k, dtype=dtype)
-        a @ b
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - t)
-            if times[-1] > 0.05:  # hopelessly slow: stop early
-                break
-        return min(times)
-
-    with torch.inference_mode():
-        return best(torch.float32) / best(torch.bfloat16)
 
 
 def calibrate(

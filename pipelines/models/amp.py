@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from pipelines.hardware import bf16_matmul_speedup
+
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 MAX_TAU = 20
 
@@ -50,27 +52,7 @@ def theta(overflow_epochs: Sequence[bool], epochs_elapsed: int, l1: float = 1.0,
     return l1 * o * o - l2 * epochs_elapsed
 
 
-def bf16_speedup(n: int = 128, k: int = 512) -> float:
-    """fp32 time / bf16 time of an n x k @ k x k CPU matmul (> 1: bf16 pays off here)."""
-    import time
-
-    def best(dtype: torch.dtype) -> float:
-        a, b = torch.randn(n, k, dtype=dtype), torch.randn(k, k, dtype=dtype)
-        a @ b
-        times = []
-        for _ in range(3):
-            t = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - t)
-            if times[-1] > 0.05:  # hopelessly slow: stop early
-                break
-        return min(times)
-
-    with torch.inference_mode():
-        return best(torch.float32) / best(torch.bfloat16)
-
-
-def low_dtype(name: str, device: torch.device | str, probe: Callable[[], float] = bf16_speedup) -> torch.dtype:
+def low_dtype(name: str, device: torch.device | str, probe: Callable[[], float] = bf16_matmul_speedup) -> torch.dtype:
     """The mixed phase's dtype. ``auto``: fp16 on CUDA; on CPU bf16 when a bf16 matmul is
     faster than fp32 there (``probe() > 1``, CPUs with AVX512-BF16 / AMX), else fp32 (the
     gate, loss scaling and master weights still run). Or an explicit ``fp16`` / ``bf16`` / ``fp32``."""
