@@ -15,9 +15,8 @@ pipeline's own library code (no DVC), with Ray Train in local mode (``num_worker
 5. APDS (beta, t) search (``grid_search``) on labelled val -> pseudo labels for the unlabelled pool;
 6. self-training (``supervised_loop`` with pseudo labels).
 
-The unlabelled pool: half of the val rows with their labels hidden (``--unlabeled val_half``,
-default; the other half is the labelled val for the search and for baselines' model
-selection), or the test images without labels (``--unlabeled test``, transductive).
+The unlabelled pool: half of the val rows with their labels hidden; the other half is the
+labelled val for the search and for every model's epoch / alpha selection.
 Hyper-parameters are the pipeline's ``params.yaml`` values. Baselines on the same split: ridge,
 a LAION-style linear head (MSE), a plain MLP with EMD loss. Ablations: TM only, CR only,
 no balanced sampling (E_CR pretrained on same-size batches drawn at random within the
@@ -38,7 +37,6 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.real_data import (  # noqa: E402
@@ -54,7 +52,7 @@ from pipelines.config import TrainParams, as_dict, load_params  # noqa: E402
 from pipelines.io import write_json, write_parquet  # noqa: E402
 from pipelines.metrics import dist_to_score, srcc  # noqa: E402
 from pipelines.ranking.index import build_index  # noqa: E402
-from pipelines.selftrain.apds import apds_sharpen, grid_search, select_pseudo_labels  # noqa: E402
+from pipelines.selftrain.pseudo import pseudo_labels  # noqa: E402
 from pipelines.semantics import semantic_clusters, tag_matching  # noqa: E402
 from pipelines.tags.library import build_tag_library  # noqa: E402
 from pipelines.train.data import load_features, write_features_table  # noqa: E402
@@ -110,7 +108,6 @@ def main() -> None:
     ap.add_argument("--comments", type=Path, default=shared_data() / "comments")
     ap.add_argument("--max-items", type=int, default=None, help="subsample train to this many rows (speed)")
     ap.add_argument("--val-fraction", type=float, default=0.2, help="train hold-out when the data has no val rows")
-    ap.add_argument("--unlabeled", choices=("val_half", "test"), default="val_half")
     ap.add_argument("--max-semantic", type=int, default=256)
     ap.add_argument("--max-attribute", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
@@ -131,9 +128,8 @@ def main() -> None:
     d = load_bench(args.data, val_fraction=args.val_fraction, max_items=args.max_items, seed=seed)
     rng = np.random.default_rng(seed)
     split = d.split.copy()
-    if args.unlabeled == "val_half":
-        va = np.flatnonzero(split == "val")
-        split[rng.choice(va, len(va) // 2, replace=False)] = "unlabeled"
+    va = np.flatnonzero(split == "val")  # the unlabelled pool: half of val, labels hidden
+    split[rng.choice(va, len(va) // 2, replace=False)] = "unlabeled"
     d.split = split
     counts = {s: int((split == s).sum()) for s in ("train", "val", "unlabeled", "test")}
     print(f"data {args.data}: {counts}; " + "; ".join(d.notes), flush=True)
@@ -212,9 +208,7 @@ def main() -> None:
         head_base.pop("ray")
         ps = p.pseudo_search
         val = feats.split_of("val")
-        unl = feats.split_of("unlabeled" if args.unlabeled == "val_half" else "test")
         test = feats.split_of("test")
-        mean_score = float(np.mean(ftrain.score))
 
         def predict(model_path: Path, on=None) -> np.ndarray:
             on = test if on is None else on
@@ -239,30 +233,18 @@ def main() -> None:
                 record(name, dist_metrics(predict(head_path), test.dist, train_scores, seed), wall_head,
                        val_pred=val_score(head_path))
                 return
-            # APDS search on labelled val, pseudo labels for the unlabelled pool
-            model = load_head(head_path)
-            n_sub = max(1, int(round(ps.val_fraction * len(val))))
-            sub = val.take(np.sort(np.random.default_rng(seed).choice(len(val), n_sub, replace=False)))
-            res = grid_search(predict_logits(model, sub.tm, sub.emb), sub.score, mean_score, ps.betas, ps.thresholds,
-                              min_selected=max(1, int(np.ceil(ps.min_selected * len(sub)))))
-            probs = apds_sharpen(predict_logits(model, unl.tm, unl.emb), mean_score, res["beta"])
-            selected = select_pseudo_labels(probs, res["t"])
+            # APDS search on labelled val, pseudo labels for the unlabelled pool (the stage's own code)
+            pl = pseudo_labels(features, head_path, seed=seed, val_fraction=ps.val_fraction, betas=ps.betas,
+                               thresholds=ps.thresholds, min_selected=ps.min_selected)
             pseudo = tmp / f"pseudo-{head_path.stem}.parquet"
-            write_parquet(pseudo, pa.table({
-                "image_id": pa.array(unl.image_id.tolist(), pa.string()),
-                "pseudo_dist": pa.array([r.tolist() for r in probs.astype(np.float32)], pa.list_(pa.float32())),
-                "pred_score": pa.array(dist_to_score(probs).astype(np.float32)),
-                "max_prob": pa.array(probs.max(1).astype(np.float32)),
-                "selected": pa.array(selected.astype(bool)),
-            }))
+            write_parquet(pseudo, pl.table())
             s = p.selftrain
             cfg_s = {**cfg, "epochs": s.epochs, "lr": s.lr, "unlabeled_weight": s.unlabeled_weight,
                      "init_path": str(head_path), "pseudo_path": str(pseudo), "desc": "selftrain"}
             state = run_training(supervised_loop, cfg_s, LOCAL, stage=f"selftrain-{name}", inputs=inputs + [str(pseudo)])
             st_path = tmp / f"st-{head_path.stem}.pt"
             torch.save(state, st_path)
-            apds = {"beta": res["beta"], "t": res["t"], "val_mae": res["mae"], "val_n": len(sub),
-                    "unlabeled_n": len(unl), "unlabeled_selected": int(selected.sum())}
+            apds = {k: v for k, v in pl.metrics().items() if k != "mean_score"}
             record(name, dist_metrics(predict(st_path), test.dist, train_scores, seed),
                    time.perf_counter() - t0 + prep_s + pre, val_pred=val_score(st_path), apds=apds)
             if name == "TMCR+ELTA (full)":
@@ -293,7 +275,7 @@ def main() -> None:
               f"H MAE cut {goal['mae_H_cut']:+.1%} (goal >= 15 % each: {'met' if goal['lh_goal_met'] else 'NOT met'})")
     print(f"total wall {total:.0f}s")
     write_json(args.out, {
-        "data": str(args.data), "split_counts": counts, "notes": d.notes, "unlabeled_pool": args.unlabeled,
+        "data": str(args.data), "split_counts": counts, "notes": d.notes, "unlabeled_pool": "val_half",
         "seed": seed, "overrides": args.overrides, "tags": tag_info,
         "index": {k: index_report[k] for k in ("n_active_clusters", "inactive_clusters", "n_per_bin")},
         "params": {"pretrain": as_dict(p.pretrain), "head": head_base, "pseudo_search": as_dict(ps),

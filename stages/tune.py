@@ -23,9 +23,6 @@ import argparse
 import functools
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-import pyarrow as pa
 import yaml
 
 from pipelines.config import Params
@@ -70,29 +67,15 @@ def pretrain_steps(p: Params, trial_dir: Path, *, root: str) -> list[Step]:
 
 
 def pseudo_label_step(config: dict) -> None:
-    """APDS (beta, t) search on validation + pseudo labels (as stages/pseudo_search.py, no MLflow run)."""
-    from pipelines.selftrain.apds import apds_sharpen, grid_search, select_pseudo_labels
-    from pipelines.train.data import load_features
-    from pipelines.train.loops import load_head, predict_logits
+    """APDS pseudo labels for a trial: the pseudo_search stage's computation, without its MLflow run."""
+    from pipelines.selftrain.pseudo import pseudo_labels
 
-    feats = load_features(config["features_path"])
-    train, val, unl = feats.split_of("train"), feats.split_of("val"), feats.split_of("unlabeled")
-    rng = np.random.default_rng(config["seed"])
-    n_sub = max(1, int(round(config["val_fraction"] * len(val))))
-    val = val.take(np.sort(rng.choice(len(val), n_sub, replace=False)))
-    model = load_head(config["head_path"])
-    mean_score = float(np.mean(train.score))
-    result = grid_search(
-        predict_logits(model, val.tm, val.emb), val.score, mean_score, config["betas"], config["thresholds"],
-        min_selected=max(1, int(np.ceil(config["min_selected"] * len(val)))),
+    labels = pseudo_labels(
+        config["features_path"], config["head_path"], seed=config["seed"], val_fraction=config["val_fraction"],
+        betas=config["betas"], thresholds=config["thresholds"], min_selected=config["min_selected"],
+        source="tune trial's pseudo_search (params.yaml + the search space)",
     )
-    probs = apds_sharpen(predict_logits(model, unl.tm, unl.emb), mean_score, result["beta"])
-    selected = select_pseudo_labels(probs, result["t"])
-    write_parquet(config["out_path"], pa.table({
-        "image_id": pa.array(unl.image_id.tolist(), pa.string()),
-        "pseudo_dist": pa.array([r.tolist() for r in probs.astype(np.float32)], pa.list_(pa.float32())),
-        "selected": pa.array(selected.astype(bool)),
-    }))
+    write_parquet(config["out_path"], labels.table())
 
 
 def pseudo_steps(p: Params, trial_dir: Path, *, root: str) -> list[Step]:

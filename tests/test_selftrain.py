@@ -1,0 +1,163 @@
+"""APDS pseudo labels (pipelines/selftrain/pseudo.py), shared by the pseudo_search stage and Tune trials.
+
+The features here carry their own logits (``emb`` is read as the head's output), so the chosen
+(beta, t) and the selection are known in advance:
+
+- 'far' rows peak at level 9, far from the train mean 5.0: max prob ~0.45 unsharpened (below
+  both thresholds), ~1.0 with beta = 1; their true score is 9, so they are right;
+- 'near' rows peak at level 5, near the mean: ~0.45 unsharpened, ~0.62 with beta = 1 (only
+  t = 0.5 keeps them); their true score is 7.5, so they are wrong.
+
+With betas [0, 1] and thresholds [0.5, 0.8], beta = 0 selects nothing; (1, 0.8) keeps only the
+4 far validation rows (MAE ~0) and wins when 4 rows suffice; (1, 0.5) keeps all 8 (MAE ~1.2)
+and is the only pair left when 6 are required.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from pipelines.io import DataError
+from pipelines.selftrain import pseudo
+from pipelines.selftrain.pseudo import label_pool, pseudo_labels
+from pipelines.train.data import FeatureSet, load_features, write_features_table
+
+LEVELS = 10
+SEARCH = {"seed": 0, "val_fraction": 1.0, "betas": [0.0, 1.0], "thresholds": [0.5, 0.8]}
+COLUMNS = ["image_id", "pseudo_dist", "pred_score", "max_prob", "selected"]
+METRIC_KEYS = {"beta", "t", "val_mae", "val_n", "val_n_selected", "unlabeled_n", "unlabeled_selected", "mean_score"}
+
+
+def _peak(level: int) -> np.ndarray:
+    z = np.zeros(LEVELS, np.float32)
+    z[level - 1] = 2.0
+    return z
+
+
+FLAT = np.zeros(LEVELS, np.float32)  # uniform: never selected
+UNLABELED = [_peak(9), _peak(5)] * 3 + [_peak(5), FLAT] * 2
+FAR = np.array([z[8] > 0 for z in UNLABELED])  # the unlabeled rows (1, 0.8) keeps
+PEAKED = np.array([z.max() > 0 for z in UNLABELED])  # the unlabeled rows (1, 0.5) keeps
+# (split, logits, score)
+ROWS = (
+    [("train", _peak(5), 4.0), ("train", _peak(5), 6.0)]
+    + [("val", _peak(9), 9.0), ("val", _peak(5), 7.5)] * 4
+    # test rows are never read: as validation they would make every selection infeasible at t = 0.8
+    + [("test", _peak(9), 1.0)] * 6
+    + [("unlabeled", z, np.nan) for z in UNLABELED]
+)
+
+
+def columns() -> dict:
+    n = len(ROWS)
+    score = np.array([r[2] for r in ROWS], np.float32)
+    dist = np.full((n, LEVELS), 0.1, np.float32)
+    dist[np.isnan(score)] = np.nan
+    return {
+        "image_id": np.array([f"img{i:02d}" for i in range(n)], object), "split": np.array([r[0] for r in ROWS], object), "score": score,
+        "dist": dist, "cluster": np.zeros(n, np.int64), "tm": np.zeros((n, 3), np.float32),
+        "emb": np.stack([r[1] for r in ROWS]),
+    }
+
+
+def logits_of(fs: FeatureSet) -> np.ndarray:
+    return fs.emb.astype(np.float64)
+
+
+@pytest.mark.parametrize(
+    ("min_selected", "t", "val_selected", "unl_selected"),
+    [(0.5, 0.8, 4, FAR), (0.75, 0.5, 8, PEAKED)],
+)
+def test_label_pool_known_answer(min_selected, t, val_selected, unl_selected):
+    labels = label_pool(FeatureSet(**columns()), logits_of, min_selected=min_selected, **SEARCH)
+    m = labels.metrics()
+    assert set(m) == METRIC_KEYS
+    assert (m["beta"], m["t"], m["val_n"], m["val_n_selected"]) == (1.0, t, 8, val_selected)
+    assert m["mean_score"] == 5.0 and m["unlabeled_n"] == 10
+    assert labels.selected.tolist() == unl_selected.tolist()
+    assert m["unlabeled_selected"] == int(unl_selected.sum())
+    assert m["val_mae"] < 0.01 if t == 0.8 else 1.0 < m["val_mae"] < 1.5
+    assert [(r["beta"], r["t"], r["n_selected"]) for r in labels.search["grid"]] == [(0, 0.5, 0), (0, 0.8, 0), (1, 0.5, 8), (1, 0.8, 4)]
+
+    table = labels.table().to_pandas()
+    assert list(table.columns) == COLUMNS
+    unl_ids = [f"img{i:02d}" for i, r in enumerate(ROWS) if r[0] == "unlabeled"]
+    assert table["image_id"].tolist() == unl_ids
+    dist = np.stack(table["pseudo_dist"].to_numpy())
+    np.testing.assert_allclose(dist.sum(1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(table["max_prob"], dist.max(1), rtol=1e-6)
+    np.testing.assert_allclose(table["pred_score"], dist @ np.arange(1, LEVELS + 1), rtol=1e-5)
+    assert (table["pred_score"][FAR] > 8.9).all()  # the far rows are sharpened to level 9
+
+
+def test_label_pool_val_fraction_is_seeded():
+    feats = FeatureSet(**columns())
+    a = label_pool(feats, logits_of, min_selected=0.25, **{**SEARCH, "val_fraction": 0.5})
+    b = label_pool(feats, logits_of, min_selected=0.25, **{**SEARCH, "val_fraction": 0.5})
+    assert a.val_n == 4 and a.metrics() == b.metrics()
+
+
+def test_label_pool_errors_name_the_file_and_the_fix():
+    c = columns()
+    c["split"] = np.where(c["split"] == "val", "test", c["split"])
+    with pytest.raises(DataError, match=r"^f\.parquet: no 'val' rows"):
+        label_pool(FeatureSet(**c), logits_of, min_selected=0.5, features_name="f.parquet", **SEARCH)
+    with pytest.raises(DataError, match=r"^params\.yaml pseudo_search: no \(beta, t\) selects >= 1 of 8.*pseudo_search\.thresholds"):
+        label_pool(FeatureSet(**columns()), logits_of, min_selected=0.1, **{**SEARCH, "thresholds": [0.999999]})
+
+
+def _features_file(tmp_path):
+    path = tmp_path / "data" / "features" / "features.parquet"
+    write_features_table(path, **columns())
+    return path
+
+
+def test_pseudo_labels_reads_the_files(tmp_path, monkeypatch):
+    path = _features_file(tmp_path)
+    with pytest.raises(DataError, match=r"head\.pt: trained head not found; run `dvc repro head`"):
+        pseudo_labels(path, tmp_path / "head.pt", min_selected=0.5, **SEARCH)
+    (tmp_path / "head.pt").write_bytes(b"")
+    monkeypatch.setattr(pseudo, "load_head", lambda p: None)
+    monkeypatch.setattr(pseudo, "predict_logits", lambda model, tm, emb: emb.astype(np.float64))
+    got = pseudo_labels(path, tmp_path / "head.pt", min_selected=0.5, **SEARCH)
+    want = label_pool(load_features(path), logits_of, min_selected=0.5, **SEARCH)
+    assert got.metrics() == want.metrics() and got.selected.tolist() == FAR.tolist()
+
+
+def test_stage_and_tune_step_write_the_same_labels(tmp_path, monkeypatch):
+    """Both callers of the shared function: the DVC stage (files + metrics) and the Tune trial step."""
+    from stages import pseudo_search
+    from stages.tune import pseudo_label_step
+
+    monkeypatch.chdir(tmp_path)
+    _features_file(tmp_path)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "head.pt").write_bytes(b"")
+    (tmp_path / "data" / "embeddings").mkdir(parents=True)
+    (tmp_path / "data" / "embeddings" / "card.json").write_text(json.dumps({"model": "m", "weights": "w", "random_weights": False}))
+    ps = {k: v for k, v in SEARCH.items() if k != "seed"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
+        "seed": 0, "pseudo_search": {**ps, "min_selected": 0.5},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "artifact_root": str(tmp_path / "art"), "experiment": "t"},
+    }))
+    monkeypatch.setattr(pseudo, "load_head", lambda p: None)
+    monkeypatch.setattr(pseudo, "predict_logits", lambda model, tm, emb: emb.astype(np.float64))
+
+    pseudo_search.main()
+    metrics = json.loads((tmp_path / "metrics" / "pseudo_search.json").read_text())
+    assert set(metrics) == METRIC_KEYS | {"clip_weights", "random_weights"}
+    assert (metrics["beta"], metrics["t"], metrics["val_n_selected"], metrics["unlabeled_selected"]) == (1.0, 0.8, 4, 3)
+    assert len(json.loads((tmp_path / "data" / "pseudo" / "grid.json").read_text())) == 4
+    stage = pd.read_parquet(tmp_path / "data" / "pseudo" / "pseudo_labels.parquet")
+    assert list(stage.columns) == COLUMNS and stage["selected"].tolist() == FAR.tolist()
+
+    pseudo_label_step({
+        "features_path": "data/features/features.parquet", "head_path": "models/head.pt", "out_path": "trial.parquet",
+        **SEARCH, "min_selected": 0.5,
+    })
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "trial.parquet"), stage)
