@@ -11,13 +11,14 @@ from pipelines.io import DataError, atomic_path, write_json
 from pipelines.metrics import dist_to_score, evaluate, lmh_mae, srcc
 from pipelines.tracking.runs import stage_run, weights_tags
 from pipelines.tracking import registry
-from pipelines.tracking.scoring import log_scoring_model, make_bundle
+from pipelines.tracking.scoring import log_scoring_model, make_bundle, requirements
 from pipelines.embed.encode import read_text_embeddings
 from pipelines.train.data import load_features
 from pipelines.train.loops import load_head, predict_logits
 from stages.common import FEATURES, METRICS, MODELS, PLOTS, TAG_EMB, cli, params, stamp, weights_card
 
 MODEL_FILES = {"head": MODELS / "head.pt", "selftrain": MODELS / "selftrain.pt"}
+REQUIREMENTS = ("torch", "torchvision", "open_clip_torch", "numpy", "pandas", "pillow", "mlflow")
 
 
 def predict_probs(model, fs) -> np.ndarray:
@@ -132,7 +133,7 @@ def main() -> None:
         for f in ("pred_vs_true.png", "region_mae.png", "tsne.png", "pred_vs_true.csv"):
             mlflow.log_artifact(str(PLOTS / f), "plots")
         if p.evaluate.register:
-            info = log_scoring_model(bundle, card, registered_name=p.mlflow.model_name, pip_requirements=_requirements())
+            info = log_scoring_model(bundle, card, registered_name=p.mlflow.model_name, pip_requirements=requirements(REQUIREMENTS))
             version = str(info.registered_model_version)
             test_metrics = {k: v for k, v in results[best].items() if v is not None}
             tags = registry.version_tags(metrics={**test_metrics, "val_srcc": val_srcc[best]}, dataset=p.data.name, card=card)
@@ -142,12 +143,6 @@ def main() -> None:
     if warning:
         model_card["WARNING"] = warning
     write_json(MODELS / "model_card.json", model_card)
-
-
-def _requirements() -> list[str]:
-    from importlib.metadata import version
-
-    return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "torchvision", "open_clip_torch", "numpy", "pandas", "pillow", "mlflow")]
 
 
 if __name__ == "__main__":

@@ -2,92 +2,70 @@
 auto-encoder fusion model) on the manifest's images with Ray Train, evaluate it on the test
 split, and write ``metrics/family.json`` in the shape of ``metrics/eval.json``.
 
-Until ``pipelines/config.py`` grows a ``model`` block, the block is read here with local
-dataclasses and the same unknown-key / type validation (``pipelines.config._build``).
+Like ``stages/evaluate.py`` for TMCR, the MLflow run gets the test predictions
+(``predictions/test.csv``) and, when ``evaluate.register`` is true, a pyfunc ``FamilyModel``
+(``pipelines.tracking.scoring``) registered as ``<mlflow.model_name>-<family>`` (e.g.
+``tmcr-demo-aesaf``), its version tagged (metrics with ``val_srcc``, ``dataset``,
+``random_weights``) and promoted to ``champion`` / ``challenger`` on ``val_srcc``
+(``pipelines.tracking.registry``). ``metrics/family.json`` then names it: ``registered``
+(``models:/NAME/VERSION``) and ``alias`` (None when ``val_srcc`` is not finite: too few
+validation images to rank the version, so it gets no alias).
+
+The ``model`` block of ``params.yaml`` is ``pipelines.config.ModelParams``; the choices that
+only the model code knows (families, Corner Grid modes, ...) are checked here, before Ray starts.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipelines.config import Params, TrainParams, _build, as_dict, params_from_dict, read_yaml
+from pipelines.config import ModelParams, Params, as_dict, load_params
 from pipelines.io import DataError, atomic_path, write_json
 from stages.common import MANIFEST, METRICS, MODELS, cli
 
 MODEL_OUT = MODELS / "family.pt"
 RANDOM_BACKBONE_WARNING = "RANDOM BACKBONE WEIGHTS (no local checkpoint given): not a real result"
+log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class AmpParams:
-    enabled: bool = True
-    l1: float = 1.0
-    l2: float = 0.2
-    window: int = 5
-    dtype: str = "auto"  # auto (fp16 on CUDA; bf16 on CPU only where faster than fp32, else fp32) | fp16 | bf16 | fp32
-    init_tau: int = 16
-    growth_interval: int = 200
+def registered_name(p: Params, family: str) -> str:
+    """The registry name of a family's models: ``<mlflow.model_name>-<family>``."""
+    return f"{p.mlflow.model_name}-{family}"
 
 
-@dataclass(frozen=True)
-class MnetParams:
-    branch_blocks: int = 19
-    attn_reduction: int = 8
-    pool_size: int = 1
-    fuse_channels: int = 128
-    dropout: float = 0.2
-    loss: str = "re_emd"  # re_emd | emd
-    alpha: float = 10.0
-    beta: float = 0.1
-    weights: str = ""  # local MobileNetV2 / M+MNet state_dict; empty = random init
+def register_family(p: Params, family: str, test_metrics: dict, val_srcc: float, random_backbone: bool,
+                    weights: str | None) -> dict[str, Any]:
+    """Log ``MODEL_OUT`` as a ``FamilyModel`` in the active run, register, tag and promote it (as
+    ``stages/evaluate.py`` does for TMCR). Returns ``{"registered": "models:/NAME/VERSION", "alias": ...}``."""
+    from pipelines.tracking import registry
+    from pipelines.tracking.scoring import log_family_model, requirements
 
-
-@dataclass(frozen=True)
-class AesafParams:
-    backbone: str = "small"  # small | vgg16
-    widths: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
-    group_maps: int = 16
-    hidden: int = 32
-    split: bool = True
-    rec_weight: float = 1.0
-    act_weight: float = 0.1
-    weights: str = ""
-
-
-@dataclass(frozen=True)
-class ModelParams:
-    family: str = "mnet"
-    epochs: int = 3
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    batch_size: int = 16
-    image_size: int = 224
-    hflip: bool = True
-    aspect: str = "square"  # square | keep (short side = image_size, aspect ratio kept)
-    corner_grid: str = "with_mixed"  # off | always | with_mixed
-    corner_grid_r: float = 0.1
-    schedule: str = "single"  # single | three_stage
-    stage2_size: list[int] = field(default_factory=lambda: [248, 312])  # [h, w]
-    stage2_from: int = 1  # three_stage without AMP: first stage-2 epoch
-    stage3_epochs: int = 1  # three_stage: last epochs back at image_size
-    amp: AmpParams = field(default_factory=AmpParams)
-    mnet: MnetParams = field(default_factory=MnetParams)
-    aesaf: AesafParams = field(default_factory=AesafParams)
-    ray: TrainParams = field(default_factory=TrainParams)
+    name = registered_name(p, family)
+    info = log_family_model(MODEL_OUT.resolve(), registered_name=name, pip_requirements=requirements())
+    version = str(info.registered_model_version)
+    tags = registry.version_tags(metrics={**test_metrics, "val_srcc": val_srcc}, dataset=p.data.name)  # finite ones
+    tags.update({"data": p.data.name, "family": family, "random_weights": str(bool(random_backbone)).lower(),
+                 "backbone_weights": weights or "random"})
+    if random_backbone:
+        tags["WARNING"] = RANDOM_BACKBONE_WARNING
+    registry.tag_version(name, version, tags)
+    alias = None
+    if math.isfinite(val_srcc):
+        alias = registry.promote(name, version, "val_srcc", val_srcc)
+    else:
+        log.warning("models:/%s/%s: val_srcc is not finite (too few validation images); registered without an alias.", name, version)
+    return {"registered": f"models:/{name}/{version}", "alias": alias}
 
 
 def load_family_params(path: str | Path = "params.yaml") -> tuple[Params, ModelParams]:
-    path = Path(path)
-    raw = read_yaml(path, "run from the repository root.")
-    model_raw = raw.pop("model", None)
-    if model_raw is None:
-        raise DataError(f"{path}: no 'model' block; add `model: {{family: mnet}}` (see README, model families).")
-    model = _build(ModelParams, model_raw, str(path), "model.")
+    p = load_params(path)
+    model = p.model
     from pipelines.models import FAMILIES
 
     if model.family not in FAMILIES:
@@ -104,7 +82,7 @@ def load_family_params(path: str | Path = "params.yaml") -> tuple[Params, ModelP
             raise DataError(f"{path}: model.{key} = {value!r}; use one of {', '.join(allowed)}.")
     if len(model.stage2_size) != 2 or min(model.stage2_size) < 1:
         raise DataError(f"{path}: model.stage2_size = {model.stage2_size!r}; give [height, width].")
-    return params_from_dict(raw, str(path)), model
+    return p, model
 
 
 def family_config(m: ModelParams, seed: int) -> dict[str, Any]:
@@ -119,6 +97,7 @@ def family_config(m: ModelParams, seed: int) -> dict[str, Any]:
 
 def run(params_path: str | Path = "params.yaml") -> dict:
     import numpy as np
+    import pandas as pd
 
     from pipelines.data.manifest import read_manifest, vote_distribution
     from pipelines.metrics import dist_to_score, evaluate, srcc
@@ -167,11 +146,16 @@ def run(params_path: str | Path = "params.yaml") -> dict:
         save["config"] = config
         with atomic_path(MODEL_OUT) as tmp:
             torch.save(save, tmp)
-        write_json(METRICS / "family.json", metrics)
         mlflow.log_metrics({f"{m.family}.{k}": float(v) for k, v in result.items() if v is not None and np.isfinite(v)})
         mlflow.log_metrics({"n_params": float(metrics["n_params"])})
         mlflow.set_tags({"switch_epoch": str(state.get("switch_epoch")), "random_weights": str(random_backbone)})
         mlflow.log_artifact(str(MODEL_OUT))
+        preds = pd.DataFrame({"image_id": test["image_id"], "path": test["path"], "true_score": dist_to_score(true),
+                              "pred_score": dist_to_score(probs)})
+        mlflow.log_text(preds.to_csv(index=False), "predictions/test.csv")
+        if p.evaluate.register:
+            metrics.update(register_family(p, m.family, result, val_srcc, random_backbone, config["options"].get("weights")))
+        write_json(METRICS / "family.json", metrics)
     return metrics
 
 

@@ -33,14 +33,21 @@ def list_images(folder: Path, all_files: bool = False) -> list[Path]:
     return files if all_files else [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
 
 
+def _takes_param(model, name: str) -> bool:
+    signature = getattr(getattr(model, "metadata", None), "signature", None)
+    schema = getattr(signature, "params", None)
+    return schema is not None and name in {p.name for p in schema.params}
+
+
 def score_files(model, files: list[Path], *, batch_size: int = 16, top_k: int = 3, progress: bool = True) -> pd.DataFrame:
     """Score ``files`` in batches; a batch that fails as a whole gives each of its rows the error."""
     parts = []
+    params = {"top_k": top_k} if _takes_param(model, "top_k") else None  # family models take no params
     with tqdm(total=len(files), desc="score", unit="img", disable=not progress) as bar:
         for i in range(0, len(files), batch_size):
             chunk = [str(p) for p in files[i : i + batch_size]]
             try:
-                out = model.predict(pd.DataFrame({"path": chunk}), params={"top_k": top_k})
+                out = model.predict(pd.DataFrame({"path": chunk}), params=params)
                 out = out.reset_index(drop=True)
             except Exception as exc:  # the model itself failed: report, keep going
                 out = pd.DataFrame({"score": [float("nan")] * len(chunk), "error": [f"{type(exc).__name__}: {exc}"] * len(chunk)})

@@ -8,10 +8,17 @@ import pytest
 @pytest.fixture(autouse=True)
 def _isolated_mlflow_uri():
     """`mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI into the process
-    environment; without this, one test's store would leak into the next test's stages."""
+    environment (and the stages export MLFLOW_REGISTRY_URI); without this, one test's store
+    would leak into the next test's stages."""
     before = os.environ.get("MLFLOW_TRACKING_URI")
+    registry_before = os.environ.get("MLFLOW_REGISTRY_URI")
     yield
     import sys
+
+    if registry_before is None:
+        os.environ.pop("MLFLOW_REGISTRY_URI", None)
+    else:
+        os.environ["MLFLOW_REGISTRY_URI"] = registry_before
 
     if before is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)

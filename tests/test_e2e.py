@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ("dvc.yaml", "params.yaml", "pipelines/", "stages/", "config/", "tests/assets/")
+PROJECT_FILES = ("dvc.yaml", "params.yaml", "pipelines/", "stages/", "config/", "tests/assets/", "data/byo/")
 
 TINY = {
     "demo": {"n_images": 96, "image_size": 64},
@@ -28,6 +28,8 @@ TINY = {
     "selftrain": {"epochs": 3, "ray": {"num_workers": 0}},
     "evaluate": {"tsne_max_points": 60},
     "mlflow": {"model_name": "tmcr-test"},
+    "model": {"family": "aesaf", "epochs": 2, "image_size": 32, "aesaf": {"widths": [8, 16, 32], "group_maps": 4},
+              "mnet": {"branch_blocks": 4}},
 }
 
 
@@ -75,7 +77,7 @@ def test_dvc_repro_end_to_end(tmp_path):
 
     metrics = json.loads((repo / "metrics/eval.json").read_text())
     # random weights are stamped on every metric file and the model card
-    for f in ("eval", "head", "pretrain", "selftrain", "pseudo_search"):
+    for f in ("eval", "head", "pretrain", "selftrain", "pseudo_search", "family"):
         m = json.loads((repo / f"metrics/{f}.json").read_text())
         assert m["random_weights"] is True and "not a real result" in m["WARNING"], f
     card = json.loads((repo / "models/model_card.json").read_text())
@@ -118,6 +120,12 @@ def test_dvc_repro_end_to_end(tmp_path):
     assert "Running stage" not in second.stdout
     assert time.perf_counter() - start < 15
     assert "up to date" in dvc(repo, env, "status").stdout.lower()
+
+    # the image families are selected by params: only the family stage reruns
+    exp = dvc(repo, env, "exp", "run", "-S", "model.family=mnet")
+    assert "Running stage 'family'" in exp.stdout and "Running stage 'head'" not in exp.stdout
+    family = json.loads((repo / "metrics/family.json").read_text())
+    assert family["registered_model"] == "mnet" and np.isfinite(family["mnet"]["srcc"])
 
 
 def test_stage_reports_unknown_param(tmp_path):

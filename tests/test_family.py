@@ -83,6 +83,52 @@ def test_family_stage_trains_and_writes_eval_shaped_metrics(demo, monkeypatch, f
         # three-stage schedule: 64 -> 72x56 padded from the switch -> 64 for the last epoch
         assert hist["stage"] == [1.0, 2.0, 3.0] and hist["image_h"] == [64.0, 72.0, 64.0]
     assert f"{family}.srcc" in run_.data.metrics
+    assert state["arch"]["aspect"] == extra.get("aspect", "square") and state["arch"]["image_size"] == 64
+    check_registered_model(demo, client, run_.info.run_id, family, on_disk)
+
+
+def check_registered_model(demo: Path, client, run_id: str, family: str, on_disk: dict) -> None:
+    """The stage registered a FamilyModel like evaluate registers TMCR: tags, champion, and
+    ``models:/tmcr-<family>@champion`` scores paths / bytes as the stage did, bad rows as errors."""
+    import base64
+
+    import mlflow
+    import pandas as pd
+
+    name = f"tmcr-{family}"  # mlflow.model_name defaults to "tmcr"
+    assert on_disk["registered"] == f"models:/{name}/1" and on_disk["alias"] == "champion"
+    tags = client.get_model_version(name, "1").tags
+    assert tags["dataset"] == "demo" and tags["family"] == family and tags["random_weights"] == "true"
+    assert float(tags["val_srcc"]) == pytest.approx(on_disk["val_srcc"][family])
+    assert float(tags["metric.srcc"]) == pytest.approx(on_disk[family]["srcc"], abs=1e-5)
+    assert "not a real result" in tags["WARNING"]
+
+    mlflow.set_tracking_uri(f"sqlite:///{demo / 'mlruns' / 'mlflow.db'}")
+    preds = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="predictions/test.csv"))
+    assert len(preds) == on_disk[family]["n"]
+    paths = [p if Path(p).is_absolute() else str(demo / p) for p in preds["path"]]
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    out = model.predict(pd.DataFrame({"path": paths}))
+    assert list(out.columns) == ["score", "distribution", "error"] and out["error"].isna().all()
+    np.testing.assert_allclose(out["score"].to_numpy(), preds["pred_score"].to_numpy(), atol=1e-4)
+    assert all(len(d) == 10 and sum(d) == pytest.approx(1, abs=1e-5) for d in out["distribution"])
+
+    raw = Path(paths[0]).read_bytes()
+    corrupt = demo / f"corrupt-{family}.jpg"
+    corrupt.write_bytes(raw[: len(raw) // 3])  # a truncated JPEG
+    by = model.predict(pd.DataFrame({"image": [raw, base64.b64encode(raw).decode(), b"junk"]}))
+    assert by["score"][0] == pytest.approx(out["score"][0], abs=1e-5)
+    assert by["score"][1] == pytest.approx(out["score"][0], abs=1e-5)
+    assert by["error"][2] and np.isnan(by["score"][2]) and by["distribution"][2] is None
+    bad = model.predict(pd.DataFrame({"path": [str(corrupt), paths[1], str(demo / "missing.jpg")]}))
+    assert list(bad["error"].notna()) == [True, False, True] and "No such file" in bad["error"][2]
+    assert bad["score"][1] == pytest.approx(out["score"][1], abs=1e-5) and np.isnan(bad["score"][0])
+
+    from stages.score import score_files  # the score CLI sends top_k only to models that take it
+
+    table = score_files(model, [Path(p) for p in paths[:3]], batch_size=2, progress=False)
+    assert table["error"].isna().all()
+    np.testing.assert_allclose(table["score"].to_numpy(), out["score"].to_numpy()[:3], atol=1e-5)
 
 
 def test_unknown_model_key_names_the_dotted_key(demo, monkeypatch, tmp_path):
@@ -103,9 +149,8 @@ def test_unknown_model_key_names_the_dotted_key(demo, monkeypatch, tmp_path):
     write_params(tmp_path, base_model("mnet", epochs="3"))
     with pytest.raises(DataError, match="model.epochs"):
         load_family_params(tmp_path / "params.yaml")
-    (tmp_path / "params.yaml").write_text("seed: 0\n")
-    with pytest.raises(DataError, match="no 'model' block"):
-        load_family_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("seed: 0\nmodel: {family: aesaf, mnet: {alpha: 5.0}}\n")
+    assert load_family_params(tmp_path / "params.yaml")[1].mnet.alpha == 5.0  # defaults fill the rest
 
 
 def test_three_stage_schedule():

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipelines.io import DataError
+from pipelines.models.weights import read_weights
 
 SPP_LEVELS = (1, 2, 4)  # 1, 4 and 16 bins
 
@@ -135,14 +136,12 @@ class AESAF(nn.Module):
         }
 
     def load_weights(self, path: str | Path) -> None:
+        """Load a local checkpoint: an AESAF state_dict, or torchvision VGG16 weights for the encoder."""
         path = Path(path)
-        if not path.is_file():
-            raise DataError(f"model.aesaf.weights = {str(path)!r}: file not found (no download is attempted).")
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-        if any(k.startswith("encoder.") for k in sd):
-            self.load_state_dict(sd)
+        whole, feats = read_weights(path, option="model.aesaf.weights", own_prefix="encoder.")
+        if whole:
+            self.load_state_dict(feats)
             return
-        feats = {k[len("features."):]: v for k, v in sd.items() if k.startswith("features.")}
         try:
             self.encoder.load_state_dict(feats)
         except RuntimeError as exc:

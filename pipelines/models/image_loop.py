@@ -54,31 +54,48 @@ SCHEDULES = ("single", "three_stage")
 ASPECTS = ("square", "keep")
 
 
-def load_image(path: str | Path, size: tuple[int, int], mode: str = "resize") -> torch.Tensor:
-    """RGB float tensor (3, h, w) in [0, 1]. ``resize``: to exactly h x w; ``pad``: fit inside, keep
-    the aspect ratio, centre on a constant (black) canvas; ``short_side``: keep the aspect ratio,
-    short side = ``size[0]`` (the seed-002 preprocessing; the long side follows)."""
+def open_image(path: str | Path) -> Image.Image:
+    """The file as a loaded RGB PIL image; an unreadable file is a ``DataError`` naming it."""
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
-            h, w = size
-            if mode == "resize":
-                im = im.resize((w, h), Image.BILINEAR)
-            elif mode == "short_side":
-                k = h / min(im.width, im.height)
-                im = im.resize((max(1, round(im.width * k)), max(1, round(im.height * k))), Image.BILINEAR)
-            elif mode == "pad":
-                s = min(w / im.width, h / im.height)
-                nw, nh = max(1, round(im.width * s)), max(1, round(im.height * s))
-                canvas = Image.new("RGB", (w, h), (0, 0, 0))
-                canvas.paste(im.resize((nw, nh), Image.BILINEAR), ((w - nw) // 2, (h - nh) // 2))
-                im = canvas
-            else:
-                raise ValueError(f"mode must be 'resize', 'short_side' or 'pad', got {mode!r}")
-            arr = np.asarray(im, dtype=np.uint8)
+            return im.convert("RGB")
     except (OSError, UnidentifiedImageError) as exc:
         raise DataError(f"{path}: cannot read image ({exc}); fix or remove it from the label file.") from exc
+
+
+def image_tensor(im: Image.Image, size: tuple[int, int], mode: str = "resize") -> torch.Tensor:
+    """An RGB PIL image as a float tensor (3, h, w) in [0, 1]. ``resize``: to exactly h x w; ``pad``:
+    fit inside, keep the aspect ratio, centre on a constant (black) canvas; ``short_side``: keep
+    the aspect ratio, short side = ``size[0]`` (the seed-002 preprocessing; the long side follows)."""
+    im = im.convert("RGB")  # a no-op copy for RGB input
+    h, w = size
+    if mode == "resize":
+        im = im.resize((w, h), Image.BILINEAR)
+    elif mode == "short_side":
+        k = h / min(im.width, im.height)
+        im = im.resize((max(1, round(im.width * k)), max(1, round(im.height * k))), Image.BILINEAR)
+    elif mode == "pad":
+        s = min(w / im.width, h / im.height)
+        nw, nh = max(1, round(im.width * s)), max(1, round(im.height * s))
+        canvas = Image.new("RGB", (w, h), (0, 0, 0))
+        canvas.paste(im.resize((nw, nh), Image.BILINEAR), ((w - nw) // 2, (h - nh) // 2))
+        im = canvas
+    else:
+        raise ValueError(f"mode must be 'resize', 'short_side' or 'pad', got {mode!r}")
+    arr = np.asarray(im, dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
+
+
+def load_image(path: str | Path, size: tuple[int, int], mode: str = "resize") -> torch.Tensor:
+    """``image_tensor(open_image(path), size, mode)``: the file as a float tensor (3, h, w) in [0, 1]."""
+    return image_tensor(open_image(path), size, mode)
+
+
+def predict_mode(aspect: str) -> str:
+    """The resize mode of an ``aspect`` at prediction time: ``square`` -> ``resize``, ``keep`` -> ``short_side``."""
+    if aspect not in ASPECTS:
+        raise DataError(f"model.aspect = {aspect!r}; use one of {ASPECTS}.")
+    return "resize" if aspect == "square" else "short_side"
 
 
 def normalise(x: torch.Tensor) -> torch.Tensor:
@@ -88,10 +105,7 @@ def normalise(x: torch.Tensor) -> torch.Tensor:
 def stage_of(epoch: int, config: dict, switch_epoch: int | None) -> tuple[tuple[int, int], str, int]:
     """(size (h, w), resize mode, stage number) of an epoch under the resolution schedule."""
     s = config["image_size"]
-    aspect = config.get("aspect", "square")
-    if aspect not in ASPECTS:
-        raise DataError(f"model.aspect = {aspect!r}; use one of {ASPECTS}.")
-    base = "resize" if aspect == "square" else "short_side"
+    base = predict_mode(config.get("aspect", "square"))
     if config.get("schedule", "single") == "single":
         return (s, s), base, 1
     if config["schedule"] not in SCHEDULES:
@@ -131,7 +145,7 @@ def predict(
     """(N, L) predicted distributions: images resized to ``size`` squared, or (``aspect="keep"``)
     short side ``size`` with the aspect ratio kept, one image per forward pass (no padding)."""
     model.eval()
-    mode = "resize" if aspect == "square" else "short_side"
+    mode = predict_mode(aspect)
     batch = batch if aspect == "square" else 1
     out = []
     for i in range(0, len(paths), batch):
@@ -175,7 +189,8 @@ def image_family_loop(config: dict) -> None:
         start = state["epoch"] + 1
     bs = config["batch_size"]
     n_batches = max(1, math.ceil(len(train) / bs / world))
-    arch = {"family": config["family"], "options": options, "n_levels": n_levels, "image_size": config["image_size"]}
+    arch = {"family": config["family"], "options": options, "n_levels": n_levels, "image_size": config["image_size"],
+            "aspect": config.get("aspect", "square")}
     log = EpochLogger(config.get("tracking_uri"), config.get("run_id")) if rank == 0 else None
     grid_mode = config.get("corner_grid", "off")
     if grid_mode not in CORNER_GRID_MODES:
@@ -224,8 +239,14 @@ def image_family_loop(config: dict) -> None:
         report_epoch(metrics, state, config, rank)
 
 
+def arch_aspect(arch: dict) -> str:
+    """The ``aspect`` a model was trained with (``square`` for files saved before it was recorded)."""
+    return arch.get("aspect", "square")
+
+
 def model_from_state(state: dict) -> torch.nn.Module:
-    """Rebuild a trained family model from the loop's final state (``arch`` + ``model``)."""
+    """Rebuild a trained family model from the loop's final state (``arch`` + ``model``); the
+    ``arch`` also records ``image_size`` and ``aspect`` (``arch_aspect``) for prediction."""
     arch = state["arch"]
     opts = {k: v for k, v in arch["options"].items() if k != "weights"}
     model = build(arch["family"], arch["n_levels"], opts)

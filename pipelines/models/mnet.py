@@ -31,6 +31,7 @@ from torch import nn
 
 from pipelines.io import DataError
 from pipelines.models.pooling import BackPool, ForePool
+from pipelines.models.weights import read_weights
 
 
 class SelfAttention2d(nn.Module):
@@ -102,13 +103,10 @@ class MNet(nn.Module):
     def load_weights(self, path: str | Path) -> None:
         """Load a local checkpoint: an M+MNet state_dict, or torchvision MobileNetV2 weights for both branches."""
         path = Path(path)
-        if not path.is_file():
-            raise DataError(f"model.mnet.weights = {str(path)!r}: file not found (no download is attempted).")
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-        if any(k.startswith("fore.") for k in sd):
-            self.load_state_dict(sd)
+        whole, feats = read_weights(path, option="model.mnet.weights", own_prefix="fore.")
+        if whole:
+            self.load_state_dict(feats)
             return
-        feats = {k[len("features."):]: v for k, v in sd.items() if k.startswith("features.")}
         if not feats:
             raise DataError(f"{path}: neither an M+MNet nor a MobileNetV2 state_dict (no 'features.*' keys).")
         for branch in (self.fore, self.back):
