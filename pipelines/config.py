@@ -98,6 +98,7 @@ class PretrainParams:
 @dataclass(frozen=True)
 class HeadParams:
     protocol: str = "linear_probe"  # linear_probe | fine_tune (of the CR encoder)
+    cr_features: str = "hidden"  # hidden (the layer below z) | output (z, the contrastive embedding)
     epochs: int = 30
     lr: float = 1e-3
     lr_decay: float = 0.9
@@ -108,6 +109,7 @@ class HeadParams:
     hidden: int = 256
     dropout: float = 0.2
     emd_r: int = 2
+    loss: str = "emd"  # emd (TMCR eq. 14) | re_emd (M+MNet eq. 4)
     use_tm: bool = True
     use_cr: bool = True
     tfa: bool = True
@@ -116,6 +118,8 @@ class HeadParams:
     tfa_n_mix: int = 1
     flsa: bool = True
     flsa_weight: float = 0.1
+    # Keep the weights of the epoch with the best validation SRCC (else the last epoch's).
+    keep_best: bool = True
     ray: TrainParams = field(default_factory=TrainParams)
 
 
@@ -150,6 +154,66 @@ class MlflowParams:
 
 
 @dataclass(frozen=True)
+class AmpParams:
+    enabled: bool = True
+    l1: float = 1.0
+    l2: float = 0.2
+    window: int = 5
+    dtype: str = "auto"  # auto (fp16 on CUDA; bf16 on CPU only where faster than fp32, else fp32) | fp16 | bf16 | fp32
+    init_tau: int = 16
+    growth_interval: int = 200
+
+
+@dataclass(frozen=True)
+class MnetParams:
+    branch_blocks: int = 19
+    attn_reduction: int = 8
+    pool_size: int = 1
+    fuse_channels: int = 128
+    dropout: float = 0.2
+    loss: str = "re_emd"  # re_emd | emd
+    alpha: float = 10.0
+    beta: float = 0.1
+    weights: str = ""  # local MobileNetV2 / M+MNet state_dict; empty = random init
+
+
+@dataclass(frozen=True)
+class AesafParams:
+    backbone: str = "small"  # small | vgg16
+    widths: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
+    group_maps: int = 16
+    hidden: int = 32
+    split: bool = True
+    rec_weight: float = 1.0
+    act_weight: float = 0.1
+    weights: str = ""
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """The image model families of ``stages/family.py`` (M+MNet, AE fusion)."""
+
+    family: str = "mnet"
+    epochs: int = 3
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    batch_size: int = 16
+    image_size: int = 224
+    hflip: bool = True
+    aspect: str = "square"  # square | keep (short side = image_size, aspect ratio kept)
+    corner_grid: str = "with_mixed"  # off | always | with_mixed
+    corner_grid_r: float = 0.1
+    schedule: str = "single"  # single | three_stage
+    stage2_size: list[int] = field(default_factory=lambda: [248, 312])  # [h, w]
+    stage2_from: int = 1  # three_stage without AMP: first stage-2 epoch
+    stage3_epochs: int = 1  # three_stage: last epochs back at image_size
+    amp: AmpParams = field(default_factory=AmpParams)
+    mnet: MnetParams = field(default_factory=MnetParams)
+    aesaf: AesafParams = field(default_factory=AesafParams)
+    ray: TrainParams = field(default_factory=TrainParams)
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = 0
     data: DataParams = field(default_factory=DataParams)
@@ -164,6 +228,7 @@ class Params:
     selftrain: SelftrainParams = field(default_factory=SelftrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     mlflow: MlflowParams = field(default_factory=MlflowParams)
+    model: ModelParams = field(default_factory=ModelParams)
 
 
 def read_yaml(path: str | Path, missing_hint: str) -> Any:

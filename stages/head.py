@@ -2,11 +2,12 @@
 
 from pipelines.config import as_dict
 from pipelines.io import DataError
-from pipelines.train.loops import supervised_loop
+from pipelines.train.loops import HEAD_LOSSES, supervised_loop
 from stages.common import FEATURES, MODELS, cli, params
 from stages.training import train_stage
 
 PROTOCOLS = ("linear_probe", "fine_tune")
+CR_FEATURES = ("output", "hidden")
 
 
 def head_config(p) -> dict:
@@ -14,6 +15,10 @@ def head_config(p) -> dict:
     h.pop("ray")
     if h["protocol"] not in PROTOCOLS:
         raise DataError(f"params.yaml: head.protocol = {h['protocol']!r}; use one of {PROTOCOLS}.")
+    if h["loss"] not in HEAD_LOSSES:
+        raise DataError(f"params.yaml: head.loss = {h['loss']!r}; use one of {HEAD_LOSSES}.")
+    if h["cr_features"] not in CR_FEATURES:
+        raise DataError(f"params.yaml: head.cr_features = {h['cr_features']!r}; use one of {CR_FEATURES}.")
     return {"features_path": FEATURES, "cr_path": MODELS / "cr_encoder.pt" if h["use_cr"] else None, "head": h}
 
 

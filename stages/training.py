@@ -43,13 +43,15 @@ def train_stage(
             inputs=[str(i) for i in inputs],
         )
         state = {**state, **(extra or {}), "config": config, "card": card}
-        state.pop("optimizer", None)
-        state.pop("scheduler", None)
+        for key in ("optimizer", "scheduler", "best"):  # resume-only parts
+            state.pop(key, None)
         with atomic_path(model_out) as tmp:
             torch.save(state, tmp)
         history = mlflow.tracking.MlflowClient().get_run(run.info.run_id).data.metrics
         metrics = stamp({"final_" + k: v for k, v in history.items() if k != "epoch"}, card)
         metrics["epochs"] = state["epoch"] + 1
+        if "selected_epoch" in state:
+            metrics["selected_epoch"] = state["selected_epoch"]
         write_json(METRICS / f"{stage}.json", metrics)
         mlflow.log_artifact(str(model_out))
     return state

@@ -27,7 +27,7 @@ ATTR = ["blurry", "sharp", "dark"]
 HEAD = {
     "protocol": "linear_probe", "lr_decay": 0.95, "weight_decay": 1e-4, "batch_size": 32, "tm_dim": 8,
     "cr_dim": 8, "hidden": 16, "dropout": 0.0, "emd_r": 2, "use_tm": True, "use_cr": True, "tfa": False,
-    "tfa_tau1": 0.5, "tfa_tau2": 2.0, "tfa_n_mix": 1, "flsa": False, "flsa_weight": 0.1,
+    "tfa_tau1": 0.5, "tfa_tau2": 2.0, "tfa_n_mix": 1, "flsa": False, "flsa_weight": 0.1, "keep_best": True, "loss": "emd", "cr_features": "output",
 }
 CARD = {"model": TINY_CLIP, "weights": "random", "random_weights": True, "pretrained": "none", "init_seed": 0}
 

@@ -24,7 +24,7 @@ LOCAL = TrainParams(num_workers=0)
 HEAD = {
     "protocol": "linear_probe", "lr_decay": 0.95, "weight_decay": 1e-4, "batch_size": 32, "tm_dim": 16,
     "cr_dim": 16, "hidden": 32, "dropout": 0.0, "emd_r": 2, "use_tm": True, "use_cr": True, "tfa": True,
-    "tfa_tau1": 0.5, "tfa_tau2": 2.0, "tfa_n_mix": 1, "flsa": True, "flsa_weight": 0.1,
+    "tfa_tau1": 0.5, "tfa_tau2": 2.0, "tfa_n_mix": 1, "flsa": True, "flsa_weight": 0.1, "keep_best": True, "loss": "emd", "cr_features": "output",
 }
 
 
@@ -110,3 +110,51 @@ def test_killed_training_resumes_from_last_epoch(workdir):
     final = torch.load(workdir / "final.pt", weights_only=False)
     assert final["epoch"] == 59
     assert final["started_at_epoch"] >= killed_at + 1
+
+
+def _val_srcc(state: dict, features: Path) -> float:
+    model = head_from_arch(state["arch"])
+    model.load_state_dict(state["model"])
+    val = load_features(features).split_of("val")
+    return srcc(dist_to_score(torch.softmax(torch.from_numpy(predict_logits(model, val.tm, val.emb)), 1).numpy()), val.score)
+
+
+def test_head_keeps_its_best_validation_epoch(workdir):
+    """Same seed, same trajectory: keep_best returns the best-val epoch's weights, not the last."""
+    base = {"features_path": str(workdir / "features.parquet"), "cr_path": None, "epochs": 12, "lr": 3e-2, "seed": 0}
+    head = {**HEAD, "use_cr": False, "dropout": 0.0}
+    last = run_training(supervised_loop, {**base, "head": {**head, "keep_best": False}}, LOCAL, stage="head", inputs=inputs(workdir))
+    best = run_training(supervised_loop, {**base, "head": head}, LOCAL, stage="head", inputs=inputs(workdir))
+    assert last["selected_epoch"] == 11 and "selected_val_srcc" not in last
+    assert 0 <= best["selected_epoch"] <= 11
+    got = _val_srcc(best, workdir / "features.parquet")
+    assert abs(got - best["selected_val_srcc"]) < 1e-6  # the saved weights are the selected epoch's
+    assert got >= _val_srcc(last, workdir / "features.parquet") - 1e-9
+
+
+def test_head_on_hidden_cr_features_with_re_emd(workdir):
+    state = run_training(pretrain_loop, pretrain_config(workdir), LOCAL, stage="pretrain", inputs=inputs(workdir))
+    torch.save(state, workdir / "cr.pt")
+    config = {
+        "features_path": str(workdir / "features.parquet"), "cr_path": str(workdir / "cr.pt"),
+        "head": {**HEAD, "cr_features": "hidden", "loss": "re_emd"}, "epochs": 15, "lr": 3e-3, "seed": 0,
+    }
+    head = run_training(supervised_loop, config, LOCAL, stage="head", inputs=inputs(workdir))
+    assert head["model"]["cr_proj.weight"].shape[1] == 32  # the CR encoder's hidden width, not its 16-d output
+    model = head_from_arch(head["arch"])
+    model.load_state_dict(head["model"])
+    test = load_features(workdir / "features.parquet").split_of("test")
+    pred = dist_to_score(torch.softmax(torch.from_numpy(predict_logits(model, test.tm, test.emb)), 1).numpy())
+    assert srcc(pred, test.score) > 0.6
+
+
+def test_head_loss_choice():
+    from pipelines.heads.losses import emd_loss
+    from pipelines.models.losses import re_emd_loss
+    from pipelines.train.loops import head_loss
+
+    g = torch.Generator().manual_seed(0)
+    p, t = torch.rand(4, 10, generator=g).softmax(1), torch.rand(4, 10, generator=g).softmax(1)
+    assert torch.allclose(head_loss({"loss": "emd", "emd_r": 2})(p, t), emd_loss(p, t, r=2))
+    assert torch.allclose(head_loss({"loss": "re_emd", "emd_r": 2})(p, t), re_emd_loss(p, t, alpha=10, beta=0.1, gamma=2))
+    assert not torch.allclose(emd_loss(p, t), re_emd_loss(p, t))

@@ -27,13 +27,14 @@ class TMCRHead(nn.Module):
         use_tm: bool = True,
         use_cr: bool = True,
         fine_tune: bool = False,
+        cr_features: str = "output",
     ):
         super().__init__()
         if not (use_tm or use_cr):
             raise ValueError("the head needs TM features, CR features, or both")
         if use_cr and cr_encoder is None:
             raise ValueError("use_cr needs a pretrained CR encoder")
-        self.use_tm, self.use_cr, self.fine_tune = use_tm, use_cr, fine_tune
+        self.use_tm, self.use_cr, self.fine_tune, self.cr_features = use_tm, use_cr, fine_tune, cr_features
         # Training-set statistics of the TM features (set by ``fit_normaliser``), kept in
         # the state dict so inference normalises exactly as training did.
         self.register_buffer("tm_mean", torch.zeros(tm_in))
@@ -45,7 +46,7 @@ class TMCRHead(nn.Module):
         if use_cr:
             self.cr = cr_encoder
             self.cr.requires_grad_(fine_tune)
-            self.cr_proj = nn.Linear(cr_encoder.dim, cr_dim)
+            self.cr_proj = nn.Linear(cr_encoder.out_dim(cr_features), cr_dim)
             fused += cr_dim
         self.fused_dim = fused
         self.mlp = nn.Sequential(
@@ -68,7 +69,7 @@ class TMCRHead(nn.Module):
         if self.use_tm:
             parts.append(self.tm_proj((tm - self.tm_mean) / self.tm_std))
         if self.use_cr:
-            parts.append(self.cr_proj(self.cr(emb)))
+            parts.append(self.cr_proj(self.cr.features(emb, self.cr_features)))
         return torch.cat(parts, dim=1)
 
     def classify(self, fused: torch.Tensor) -> torch.Tensor:

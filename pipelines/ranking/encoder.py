@@ -23,5 +23,17 @@ class CREncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def features(self, x: torch.Tensor, layer: str = "output") -> torch.Tensor:
+        """``output``: the contrastive embedding z (what the loss sees); ``hidden``: the layer
+        below it (SimCLR / SupCon practice: the representation before the projection)."""
+        if layer == "output":
+            return self.net(x)
+        if layer == "hidden":
+            return self.net[:3](x)
+        raise ValueError(f"layer must be 'output' or 'hidden', got {layer!r}")
+
+    def out_dim(self, layer: str = "output") -> int:
+        return self.hidden if layer == "hidden" else self.dim
+
     def spec(self) -> dict:
         return {"in_dim": self.in_dim, "hidden": self.hidden, "dim": self.dim, "dropout": self.dropout}

@@ -100,6 +100,7 @@ def head_from_arch(arch: dict) -> TMCRHead:
     return TMCRHead(
         arch["tm_in"], arch["n_levels"], cr, tm_dim=h["tm_dim"], cr_dim=h["cr_dim"], hidden=h["hidden"],
         dropout=h["dropout"], use_tm=h["use_tm"], use_cr=h["use_cr"], fine_tune=h["protocol"] == "fine_tune",
+        cr_features=h.get("cr_features", "output"),  # models saved before the option: output
     )
 
 
@@ -129,6 +130,21 @@ def _val_metrics(model: TMCRHead, val) -> dict[str, float]:
     return {"val_emd2": float(emd(probs, val.dist, 2)), "val_srcc": float(srcc(pred, val.score))}
 
 
+HEAD_LOSSES = ("emd", "re_emd")
+
+
+def head_loss(h: dict):
+    """The distribution loss of ``head.loss``: TMCR's EMD_r (eq. 14), or M+MNet's Re-EMD
+    (eq. 4, alpha 10, beta 0.1, gamma = emd_r), which weights each level's CDF gap by the
+    target's mass there."""
+    from pipelines.models.losses import re_emd_loss
+
+    r = h["emd_r"]
+    if h.get("loss", "emd") == "re_emd":
+        return lambda pred, target: re_emd_loss(pred, target, gamma=r)
+    return lambda pred, target: emd_loss(pred, target, r=r)
+
+
 def supervised_loop(config: dict) -> None:
     """Head training (TMCR sec. 3.4 + ELTA TFA/FLSA), or self-training when pseudo labels are given.
 
@@ -139,6 +155,7 @@ def supervised_loop(config: dict) -> None:
     rank, world, device = worker_info()
     gen = _seed(config["seed"])
     h = config["head"]
+    dist_loss = head_loss(h)
     feats = load_features(config["features_path"])
     train, val = feats.split_of("train"), feats.split_of("val")
     model, arch = build_head(config, train.tm.shape[1], train.emb.shape[1], train.n_levels)
@@ -149,12 +166,12 @@ def supervised_loop(config: dict) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config["lr"], weight_decay=h["weight_decay"])
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=h["lr_decay"])
-    start = 0
+    start, best = 0, None
     if (state := load_resume_state(config)) is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        start = state["epoch"] + 1
+        start, best = state["epoch"] + 1, state.get("best")
 
     tensors = {k: torch.from_numpy(getattr(train, k)) for k in ("tm", "emb", "dist", "score")}
     pseudo = None
@@ -190,7 +207,7 @@ def supervised_loop(config: dict) -> None:
                 fused_all, targets = torch.cat([fused, mf]), torch.cat([dist, mt])
             else:
                 fused_all = fused
-            l_emd = emd_loss(torch.softmax(model.classify(fused_all), 1), targets, r=h["emd_r"])
+            l_emd = dist_loss(torch.softmax(model.classify(fused_all), 1), targets)
             loss = l_emd
             l_flsa = torch.zeros(())
             if h["flsa"]:
@@ -200,7 +217,7 @@ def supervised_loop(config: dict) -> None:
             if pseudo is not None:
                 urows = torch.randint(len(pseudo["dist"]), (min(bs, len(pseudo["dist"])),), generator=gen)
                 logits_u = model(pseudo["tm"][urows].to(device), pseudo["emb"][urows].to(device))
-                l_u = emd_loss(torch.softmax(logits_u, 1), pseudo["dist"][urows].to(device), r=h["emd_r"])
+                l_u = dist_loss(torch.softmax(logits_u, 1), pseudo["dist"][urows].to(device))
                 loss = loss + config["unlabeled_weight"] * l_u
             opt.zero_grad()
             loss.backward()
@@ -214,8 +231,25 @@ def supervised_loop(config: dict) -> None:
         if rank == 0:
             metrics.update(_val_metrics(model, val))
             log(metrics, epoch)
+            if h["keep_best"] and metrics.get("val_srcc", -np.inf) > (best or {}).get("val_srcc", -np.inf):
+                best = {"model": _cpu_copy(model.state_dict()), "epoch": epoch, "val_srcc": metrics["val_srcc"]}
             state = {
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "epoch": epoch, "arch": arch, "started_at_epoch": start,
+                "epoch": epoch, "arch": arch, "started_at_epoch": start, "best": best,
             }
+            if epoch + 1 == config["epochs"]:
+                state.update(_selected(state))
         report_epoch(metrics, state, config, rank)
+
+
+def _cpu_copy(state_dict: dict) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
+
+
+def _selected(state: dict) -> dict:
+    """The weights the stage keeps: those of the best validation-SRCC epoch when
+    ``head.keep_best`` found one (the baselines select the same way), else the last epoch's."""
+    best = state.get("best")
+    if best is None:
+        return {"selected_epoch": state["epoch"]}
+    return {"model": best["model"], "selected_epoch": best["epoch"], "selected_val_srcc": best["val_srcc"]}
