@@ -17,6 +17,7 @@ DATA = Path("data")
 MANIFEST = DATA / "manifest.parquet"
 TAGS = DATA / "tags"
 EMBED = DATA / "embeddings"
+BYO = DATA / "byo"  # bring-your-own embedding tables (a dep of embed)
 IMAGE_EMB = EMBED / "images"
 TAG_EMB = EMBED / "tags.parquet"
 CARD = EMBED / "card.json"

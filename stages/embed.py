@@ -5,12 +5,14 @@ The image cache is chunked and resumable (a killed run continues where it stoppe
 """
 
 import hashlib
+import sys
+from pathlib import Path
 
 from pipelines.data.manifest import read_manifest
 from pipelines.embed.clip import load_clip
 from pipelines.embed.encode import embed_images, embed_texts, write_text_embeddings
 from pipelines.io import DataError, write_json
-from stages.common import CARD, EMBED, IMAGE_EMB, MANIFEST, TAG_EMB, TAGS, cli, params
+from stages.common import BYO, CARD, EMBED, IMAGE_EMB, MANIFEST, TAG_EMB, TAGS, cli, params
 
 
 def read_tags(kind: str) -> list[str]:
@@ -31,6 +33,10 @@ def main() -> None:
 
         if not (e.byo_items and e.byo_texts):
             raise DataError("params.yaml: embed.source = byo needs embed.byo_items and embed.byo_texts (Parquet paths).")
+        for table in (e.byo_items, e.byo_texts):
+            if not Path(table).resolve().is_relative_to(BYO.resolve()):
+                print(f"warning: {table} is outside {BYO}/, the folder dvc.yaml declares as a dependency of embed: "
+                      "DVC will not rerun embed when it changes.", file=sys.stderr)
         import_byo(
             e.byo_items, e.byo_texts, read_manifest(MANIFEST)["image_id"].tolist(),
             read_tags("semantic"), read_tags("attribute"), EMBED,
