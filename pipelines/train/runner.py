@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from pipelines.config import TrainParams
-from pipelines.io import atomic_path
+from pipelines.io import DataError, atomic_path
 
 STATE_FILE = "state.pt"
 CHECKPOINT_EVERY = 5
@@ -70,10 +70,14 @@ def run_training(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    if ray_params.checkpoint_every < 1:
+        raise DataError(f"params.yaml: {stage}: ray.checkpoint_every = {ray_params.checkpoint_every}; use an integer >= 1.")
     fp = fingerprint(config, inputs)
     run_name = f"{stage}-{fp}"
     resume = runs_dir() / run_name / "checkpoint" / STATE_FILE
-    config = {**config, "resume_path": str(resume)}
+    # not part of the fingerprint: the cadence does not change what is trained; a caller's own
+    # value (Tune trials report every epoch) wins
+    config = {"checkpoint_every": ray_params.checkpoint_every, **config, "resume_path": str(resume)}
     _ensure_ray(ray_params)
     resources = {"CPU": ray_params.cpus_per_worker}
     if ray_params.use_gpu:
@@ -129,7 +133,7 @@ def load_resume_state(config: dict) -> dict | None:
 
 def report_epoch(metrics: dict[str, float], state: dict | None, config: dict, rank: int) -> None:
     """Checkpoint one epoch: rank 0 writes the resume point; Ray gets a report every
-    ``config['checkpoint_every']`` epochs (default 5) and at the last epoch.
+    ``config['checkpoint_every']`` epochs (``ray.checkpoint_every``, default 5) and at the last epoch.
 
     The resume file (replaced atomically) is written every epoch: it is cheap. A
     ``ray.train.report`` costs about a second with worker actors, and per-epoch metrics
