@@ -55,7 +55,8 @@ from pipelines.ranking.index import build_index  # noqa: E402
 from pipelines.selftrain.pseudo import pseudo_labels  # noqa: E402
 from pipelines.semantics import semantic_clusters, tag_matching  # noqa: E402
 from pipelines.tags.library import build_tag_library  # noqa: E402
-from pipelines.train.data import load_features, write_features_table  # noqa: E402
+from pipelines.embed.cache import write_chunk, write_meta  # noqa: E402
+from pipelines.train.data import embedding_files, load_features, write_features_table  # noqa: E402
 from pipelines.train.loops import load_head, predict_logits, pretrain_loop, supervised_loop  # noqa: E402
 from pipelines.train.runner import run_training  # noqa: E402
 
@@ -175,10 +176,15 @@ def main() -> None:
         labelled = np.isin(split, ("train", "val", "test"))
         score = np.where(labelled, d.score, np.nan).astype(np.float32)
         dist = np.where(labelled[:, None], d.dist, np.nan).astype(np.float32)
+        # the embeddings go to an embed-stage-format cache; the features table joins them on load
+        embeddings = tmp / "embeddings"
+        write_chunk(embeddings, 0, list(d.image_id), d.emb)
+        write_meta(embeddings, {"fingerprint": {"embed_dim": int(d.emb.shape[1]), "source": str(args.data)}})
+        emb_inputs = [str(f) for f in embedding_files(embeddings)]
         features = tmp / "features.parquet"
         write_features_table(features, image_id=d.image_id, split=split, score=score, dist=dist, cluster=clusters,
-                             tm=np.concatenate([sim_sem, sim_attr], 1), emb=d.emb)
-        feats = load_features(features)
+                             tm=np.concatenate([sim_sem, sim_attr], 1), emb_dim=d.emb.shape[1])
+        feats = load_features(features, embeddings)
         ftrain = feats.split_of("train")
         index, index_report = build_index(ftrain.cluster, ftrain.score, low=p.index.low, high=p.index.high,
                                           n_per_bin=p.index.n_per_bin)
@@ -186,19 +192,21 @@ def main() -> None:
         write_parquet(index_paths["balanced"], index)
         write_parquet(index_paths["natural"], natural_index(index, seed))
         prep_s = time.perf_counter() - t_prep
-        print(f"  prep (tags {len(sem)}+{len(attr)}, TM, {p.features.n_clusters} clusters, index): {prep_s:.1f}s", flush=True)
+        print(f"  prep (tags {len(sem)}+{len(attr)}, TM, {p.features.n_clusters} clusters, index): {prep_s:.1f}s;"
+              f" features table {features.stat().st_size} bytes", flush=True)
 
         # ---- contrastive pretraining (balanced, and natural for the ablation) ---------------
         c = p.pretrain
         cr_paths, pre_s = {}, {}
         for kind in ("balanced", "natural") if "natural" in variants else ("balanced",):
             t = time.perf_counter()
-            cfg = {"features_path": str(features), "index_path": str(index_paths[kind]), "epochs": c.epochs,
+            cfg = {"features_path": str(features), "embeddings_path": str(embeddings),
+                   "index_path": str(index_paths[kind]), "epochs": c.epochs,
                    "lr": c.lr, "weight_decay": c.weight_decay, "tau": c.tau, "hidden": c.hidden, "dim": c.dim,
                    "dropout": c.dropout, "batches_per_cluster": c.batches_per_cluster, "low": p.index.low,
                    "high": p.index.high, "seed": seed}
             state = run_training(pretrain_loop, cfg, LOCAL, stage=f"pretrain-{kind}",
-                                 inputs=[str(features), str(index_paths[kind])])
+                                 inputs=[str(features), *emb_inputs, str(index_paths[kind])])
             cr_paths[kind] = tmp / f"cr_{kind}.pt"
             torch.save(state, cr_paths[kind])
             pre_s[kind] = time.perf_counter() - t
@@ -221,9 +229,10 @@ def main() -> None:
         def variant(name: str, *, cr: str = "balanced", selftrain: bool = True, **head_over) -> None:
             t0 = time.perf_counter()
             h = {**head_base, **head_over}
-            cfg = {"features_path": str(features), "cr_path": str(cr_paths[cr]) if h["use_cr"] else None, "head": h,
+            cfg = {"features_path": str(features), "embeddings_path": str(embeddings),
+                   "cr_path": str(cr_paths[cr]) if h["use_cr"] else None, "head": h,
                    "epochs": p.head.epochs, "lr": p.head.lr, "desc": "head", "seed": seed}
-            inputs = [str(features)] + ([str(cr_paths[cr])] if h["use_cr"] else [])
+            inputs = [str(features), *emb_inputs] + ([str(cr_paths[cr])] if h["use_cr"] else [])
             state = run_training(supervised_loop, cfg, LOCAL, stage=f"head-{name}", inputs=inputs)
             head_path = tmp / f"head-{name.replace(' ', '_').replace('/', '_')}.pt"
             torch.save(state, head_path)
@@ -234,7 +243,7 @@ def main() -> None:
                        val_pred=val_score(head_path))
                 return
             # APDS search on labelled val, pseudo labels for the unlabelled pool (the stage's own code)
-            pl = pseudo_labels(features, head_path, seed=seed, val_fraction=ps.val_fraction, betas=ps.betas,
+            pl = pseudo_labels(features, embeddings, head_path, seed=seed, val_fraction=ps.val_fraction, betas=ps.betas,
                                thresholds=ps.thresholds, min_selected=ps.min_selected)
             pseudo = tmp / f"pseudo-{head_path.stem}.parquet"
             write_parquet(pseudo, pl.table())

@@ -15,7 +15,7 @@ from pipelines.tracking.scoring import log_scoring_model, make_bundle, requireme
 from pipelines.embed.encode import read_text_embeddings
 from pipelines.train.data import load_features
 from pipelines.train.loops import load_head, predict_logits
-from stages.common import FEATURES, METRICS, MODELS, PLOTS, TAG_EMB, cli, params, stamp, weights_card
+from stages.common import FEATURES, IMAGE_EMB, METRICS, MODELS, PLOTS, TAG_EMB, cli, params, stamp, weights_card
 
 MODEL_FILES = {"head": MODELS / "head.pt", "selftrain": MODELS / "selftrain.pt"}
 REQUIREMENTS = ("torch", "torchvision", "open_clip_torch", "numpy", "pandas", "pillow", "mlflow")
@@ -86,7 +86,7 @@ def main() -> None:
     p = params()
     card = weights_card()
     warning = stamp({}, card).get("WARNING")
-    feats = load_features(FEATURES)
+    feats = load_features(FEATURES, IMAGE_EMB)
     train, val, test = feats.split_of("train"), feats.split_of("val"), feats.split_of("test")
     if len(test) < 3:
         raise DataError(f"{FEATURES}: only {len(test)} test images; evaluation needs at least 3.")

@@ -34,7 +34,7 @@ def main() -> None:
         dist=dist,
         cluster=clusters,
         tm=np.concatenate([sim_sem, sim_attr], axis=1),
-        emb=emb,
+        emb_dim=emb.shape[1],  # the embeddings themselves stay in IMAGE_EMB (joined on load)
     )
     sem_tags = np.asarray(tags)[np.asarray(kinds) == "semantic"]
     summary = {}

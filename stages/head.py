@@ -2,8 +2,9 @@
 
 from pipelines.config import as_dict
 from pipelines.io import DataError
+from pipelines.train.data import embedding_files
 from pipelines.train.loops import HEAD_LOSSES, supervised_loop
-from stages.common import FEATURES, MODELS, cli, params
+from stages.common import FEATURES, IMAGE_EMB, MODELS, cli, params
 from stages.training import train_stage
 
 PROTOCOLS = ("linear_probe", "fine_tune")
@@ -19,14 +20,14 @@ def head_config(p) -> dict:
         raise DataError(f"params.yaml: head.loss = {h['loss']!r}; use one of {HEAD_LOSSES}.")
     if h["cr_features"] not in CR_FEATURES:
         raise DataError(f"params.yaml: head.cr_features = {h['cr_features']!r}; use one of {CR_FEATURES}.")
-    return {"features_path": FEATURES, "cr_path": MODELS / "cr_encoder.pt" if h["use_cr"] else None, "head": h}
+    return {"features_path": FEATURES, "embeddings_path": IMAGE_EMB, "cr_path": MODELS / "cr_encoder.pt" if h["use_cr"] else None, "head": h}
 
 
 @cli
 def main() -> None:
     p = params()
     config = {**head_config(p), "epochs": p.head.epochs, "lr": p.head.lr, "desc": "head"}
-    inputs = [FEATURES] + ([MODELS / "cr_encoder.pt"] if p.head.use_cr else [])
+    inputs = [FEATURES, *embedding_files(IMAGE_EMB)] + ([MODELS / "cr_encoder.pt"] if p.head.use_cr else [])
     train_stage("head", supervised_loop, config, p.head.ray, inputs=inputs, model_out=MODELS / "head.pt")
 
 

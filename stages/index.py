@@ -10,7 +10,7 @@ from stages.common import FEATURES, INDEX, cli, params
 @cli
 def main() -> None:
     p = params()
-    train = load_features(FEATURES).split_of("train")
+    train = load_features(FEATURES, None).split_of("train")  # no embeddings needed
     index, report = build_index(train.cluster, train.score, low=p.index.low, high=p.index.high, n_per_bin=p.index.n_per_bin)
     write_parquet(INDEX, index)
     write_json(INDEX.parent / "report.json", {**report, "n_train": len(train)})

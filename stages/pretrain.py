@@ -1,7 +1,8 @@
 """Stage `pretrain`: traversal contrastive learning of the CR encoder (Ray Train)."""
 
+from pipelines.train.data import embedding_files
 from pipelines.train.loops import pretrain_loop
-from stages.common import FEATURES, INDEX, MODELS, cli, params
+from stages.common import FEATURES, IMAGE_EMB, INDEX, MODELS, cli, params
 from stages.training import train_stage
 
 
@@ -10,11 +11,12 @@ def main() -> None:
     p = params()
     c = p.pretrain
     config = {
-        "features_path": FEATURES, "index_path": INDEX, "epochs": c.epochs, "lr": c.lr,
+        "features_path": FEATURES, "embeddings_path": IMAGE_EMB, "index_path": INDEX, "epochs": c.epochs, "lr": c.lr,
         "weight_decay": c.weight_decay, "tau": c.tau, "hidden": c.hidden, "dim": c.dim, "dropout": c.dropout,
         "batches_per_cluster": c.batches_per_cluster, "low": p.index.low, "high": p.index.high,
     }
-    train_stage("pretrain", pretrain_loop, config, c.ray, inputs=[FEATURES, INDEX], model_out=MODELS / "cr_encoder.pt")
+    inputs = [FEATURES, *embedding_files(IMAGE_EMB), INDEX]
+    train_stage("pretrain", pretrain_loop, config, c.ray, inputs=inputs, model_out=MODELS / "cr_encoder.pt")
 
 
 if __name__ == "__main__":

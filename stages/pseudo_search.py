@@ -9,7 +9,7 @@ from pipelines.config import as_dict
 from pipelines.io import write_json, write_parquet
 from pipelines.selftrain.pseudo import pseudo_labels
 from pipelines.tracking.runs import stage_run, weights_tags
-from stages.common import FEATURES, METRICS, MODELS, PSEUDO, cli, params, stamp, weights_card
+from stages.common import FEATURES, IMAGE_EMB, METRICS, MODELS, PSEUDO, cli, params, stamp, weights_card
 
 
 @cli
@@ -18,7 +18,7 @@ def main() -> None:
     s = p.pseudo_search
     card = weights_card()
     labels = pseudo_labels(
-        FEATURES, MODELS / "head.pt", seed=p.seed, val_fraction=s.val_fraction, betas=s.betas,
+        FEATURES, IMAGE_EMB, MODELS / "head.pt", seed=p.seed, val_fraction=s.val_fraction, betas=s.betas,
         thresholds=s.thresholds, min_selected=s.min_selected,
     )
     write_parquet(PSEUDO, labels.table())

@@ -1,7 +1,8 @@
 """Stage `selftrain`: one round of self-training on labelled + pseudo-labelled data (ELTA eq. 10)."""
 
+from pipelines.train.data import embedding_files
 from pipelines.train.loops import supervised_loop
-from stages.common import FEATURES, MODELS, PSEUDO, cli, params
+from stages.common import FEATURES, IMAGE_EMB, MODELS, PSEUDO, cli, params
 from stages.head import head_config
 from stages.training import train_stage
 
@@ -14,7 +15,7 @@ def main() -> None:
         **head_config(p), "epochs": s.epochs, "lr": s.lr, "unlabeled_weight": s.unlabeled_weight,
         "init_path": MODELS / "head.pt", "pseudo_path": PSEUDO, "desc": "selftrain",
     }
-    inputs = [FEATURES, MODELS / "head.pt", PSEUDO]
+    inputs = [FEATURES, *embedding_files(IMAGE_EMB), MODELS / "head.pt", PSEUDO]
     train_stage("selftrain", supervised_loop, config, s.ray, inputs=inputs, model_out=MODELS / "selftrain.pt")
 
 

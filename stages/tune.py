@@ -30,7 +30,7 @@ from pipelines.io import DataError, write_parquet
 from pipelines.train.loops import pretrain_loop, supervised_loop
 from pipelines.train.runner import runs_dir
 from pipelines.tune.search import Step, load_space, run_search, write_best
-from stages.common import FEATURES, INDEX, MODELS, cli
+from stages.common import FEATURES, IMAGE_EMB, INDEX, MODELS, cli
 from stages.head import head_config
 
 STAGES = ("head", "pretrain", "pseudo")
@@ -43,7 +43,8 @@ def _abs(root: Path, path) -> str:
 def _head_step(p: Params, root: Path, cr_path: str | None, desc: str) -> Step:
     c = head_config(p)
     c.update({
-        "features_path": _abs(root, FEATURES), "cr_path": cr_path if p.head.use_cr else None,
+        "features_path": _abs(root, FEATURES), "embeddings_path": _abs(root, IMAGE_EMB),
+        "cr_path": cr_path if p.head.use_cr else None,
         "epochs": p.head.epochs, "lr": p.head.lr, "desc": desc,
     })
     return Step("head", supervised_loop, c)
@@ -59,7 +60,8 @@ def pretrain_steps(p: Params, trial_dir: Path, *, root: str) -> list[Step]:
     c = p.pretrain
     cr = str(trial_dir / "cr_encoder.pt")
     pre = Step("pretrain", pretrain_loop, {
-        "features_path": _abs(root, FEATURES), "index_path": _abs(root, INDEX), "epochs": c.epochs, "lr": c.lr,
+        "features_path": _abs(root, FEATURES), "embeddings_path": _abs(root, IMAGE_EMB), "index_path": _abs(root, INDEX),
+        "epochs": c.epochs, "lr": c.lr,
         "weight_decay": c.weight_decay, "tau": c.tau, "hidden": c.hidden, "dim": c.dim, "dropout": c.dropout,
         "batches_per_cluster": c.batches_per_cluster, "low": p.index.low, "high": p.index.high,
     }, save_to=cr)
@@ -71,8 +73,9 @@ def pseudo_label_step(config: dict) -> None:
     from pipelines.selftrain.pseudo import pseudo_labels
 
     labels = pseudo_labels(
-        config["features_path"], config["head_path"], seed=config["seed"], val_fraction=config["val_fraction"],
-        betas=config["betas"], thresholds=config["thresholds"], min_selected=config["min_selected"],
+        config["features_path"], config["embeddings_path"], config["head_path"], seed=config["seed"],
+        val_fraction=config["val_fraction"], betas=config["betas"], thresholds=config["thresholds"],
+        min_selected=config["min_selected"],
         source="tune trial's pseudo_search (params.yaml + the search space)",
     )
     write_parquet(config["out_path"], labels.table())
@@ -83,7 +86,8 @@ def pseudo_steps(p: Params, trial_dir: Path, *, root: str) -> list[Step]:
     s = p.pseudo_search
     pseudo = str(trial_dir / "pseudo_labels.parquet")
     label = Step("pseudo_labels", pseudo_label_step, {
-        "features_path": _abs(root, FEATURES), "head_path": _abs(root, MODELS / "head.pt"), "out_path": pseudo,
+        "features_path": _abs(root, FEATURES), "embeddings_path": _abs(root, IMAGE_EMB),
+        "head_path": _abs(root, MODELS / "head.pt"), "out_path": pseudo,
         "val_fraction": s.val_fraction, "betas": list(s.betas), "thresholds": list(s.thresholds), "min_selected": s.min_selected,
     }, ray_train=False)
     st = _head_step(p, root, _abs(root, MODELS / "cr_encoder.pt"), "tune-selftrain")
@@ -97,8 +101,8 @@ def pseudo_steps(p: Params, trial_dir: Path, *, root: str) -> list[Step]:
 
 BUILDERS = {"head": head_steps, "pretrain": pretrain_steps, "pseudo": pseudo_steps}
 NEEDS = {
-    "head": [FEATURES, MODELS / "cr_encoder.pt"], "pretrain": [FEATURES, INDEX],
-    "pseudo": [FEATURES, MODELS / "head.pt", MODELS / "cr_encoder.pt"],
+    "head": [FEATURES, IMAGE_EMB, MODELS / "cr_encoder.pt"], "pretrain": [FEATURES, IMAGE_EMB, INDEX],
+    "pseudo": [FEATURES, IMAGE_EMB, MODELS / "head.pt", MODELS / "cr_encoder.pt"],
 }
 
 

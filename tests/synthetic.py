@@ -2,14 +2,34 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
+from pipelines.embed.cache import list_parts, write_chunk, write_meta
 from pipelines.train.data import write_features_table
 
 SPLITS = ("train", "val", "test", "unlabeled")
 
 
-def make_features(path, n: int = 240, d: int = 16, n_tags: tuple[int, int] = (8, 6), seed: int = 0) -> None:
+def write_embedding_cache(out_dir, ids, emb: np.ndarray, chunk_rows: int | None = None) -> Path:
+    """An image-embedding cache in the embed stage's format (parts + meta.json), as
+    ``load_features`` joins it."""
+    out_dir = Path(out_dir)
+    emb = np.asarray(emb, np.float32)
+    for old in list_parts(out_dir):  # a rewrite replaces the whole cache
+        old.unlink()
+    step = chunk_rows or max(len(ids), 1)
+    for k, start in enumerate(range(0, len(ids), step)):
+        write_chunk(out_dir, k, list(ids[start : start + step]), emb[start : start + step])
+    write_meta(out_dir, {"fingerprint": {"embed_dim": int(emb.shape[1])}})
+    return out_dir
+
+
+def make_features(path, n: int = 240, d: int = 16, n_tags: tuple[int, int] = (8, 6), seed: int = 0,
+                  embeddings=None) -> Path:
+    """Write the features table at ``path`` and its embedding cache at ``embeddings`` (default: an
+    ``embeddings`` folder beside the table); returns the cache's path."""
     rng = np.random.default_rng(seed)
     emb = rng.normal(size=(n, d)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
@@ -25,7 +45,11 @@ def make_features(path, n: int = 240, d: int = 16, n_tags: tuple[int, int] = (8,
     score = score.astype(np.float32)
     score[split == "unlabeled"] = np.nan
     dist[split == "unlabeled"] = np.nan
+    ids = [f"img{i:04d}" for i in range(n)]
+    embeddings = Path(path).parent / "embeddings" if embeddings is None else Path(embeddings)
+    write_embedding_cache(embeddings, ids, emb, chunk_rows=100)  # several parts, as the embed stage writes
     write_features_table(
-        path, image_id=[f"img{i:04d}" for i in range(n)], split=split, score=score, dist=dist,
-        cluster=rng.integers(0, 3, n), tm=emb @ tags.T, emb=emb,
+        path, image_id=ids, split=split, score=score, dist=dist,
+        cluster=rng.integers(0, 3, n), tm=emb @ tags.T, emb_dim=d,
     )
+    return embeddings

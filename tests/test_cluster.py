@@ -80,18 +80,20 @@ def test_training_job_against_a_local_ray_head(tmp_path):
             from pipelines.config import TrainParams
             from pipelines.ranking.index import build_index
             from pipelines.io import write_parquet
-            from pipelines.train.data import load_features
+            from pipelines.train.data import embedding_files, load_features
             from pipelines.train.loops import pretrain_loop
             from pipelines.train.runner import run_training
             tmp = Path({str(tmp_path)!r})
-            train = load_features(tmp / "features.parquet").split_of("train")
+            train = load_features(tmp / "features.parquet", tmp / "embeddings").split_of("train")
             index, _ = build_index(train.cluster, train.score, low=2, high=9, n_per_bin="auto")
             write_parquet(tmp / "index.parquet", index)
-            config = {{"features_path": str(tmp / "features.parquet"), "index_path": str(tmp / "index.parquet"),
+            config = {{"features_path": str(tmp / "features.parquet"), "embeddings_path": str(tmp / "embeddings"),
+                      "index_path": str(tmp / "index.parquet"),
                       "epochs": 2, "lr": 3e-3, "weight_decay": 0.05, "tau": 0.1, "hidden": 16, "dim": 8,
                       "dropout": 0.0, "batches_per_cluster": 3, "low": 2, "high": 9, "seed": 0}}
             state = run_training(pretrain_loop, config, TrainParams(num_workers=1), stage="pretrain",
-                                 inputs=[str(tmp / "features.parquet"), str(tmp / "index.parquet")])
+                                 inputs=[str(tmp / "features.parquet"), str(tmp / "index.parquet")]
+                                        + [str(f) for f in embedding_files(tmp / "embeddings")])
             ctx = ray.get_runtime_context()
             print("JOB", json.dumps({{"epoch": state["epoch"], "gcs": ctx.gcs_address,
                                      "cpus": ray.cluster_resources().get("CPU")}}))

@@ -15,7 +15,7 @@ import torch
 from pipelines.config import TrainParams
 from pipelines.io import write_parquet
 from pipelines.ranking.index import build_index
-from pipelines.train.data import load_features
+from pipelines.train.data import embedding_files, load_features
 from pipelines.train.loops import pretrain_loop
 from pipelines.train.runner import run_training
 from tests.synthetic import make_features
@@ -59,18 +59,19 @@ def ray_2cpu(tmp_path, monkeypatch):
 
 
 def test_killed_worker_resumes_from_last_checkpoint(tmp_path, ray_2cpu):
-    make_features(tmp_path / "features.parquet")
-    train = load_features(tmp_path / "features.parquet").split_of("train")
+    emb_dir = make_features(tmp_path / "features.parquet")
+    train = load_features(tmp_path / "features.parquet", emb_dir).split_of("train")
     index, _ = build_index(train.cluster, train.score, low=2, high=9, n_per_bin="auto")
     write_parquet(tmp_path / "index.parquet", index)
     config = {
-        "features_path": str(tmp_path / "features.parquet"), "index_path": str(tmp_path / "index.parquet"),
-        "epochs": EPOCHS, "lr": 3e-3, "weight_decay": 0.05, "tau": 0.1, "hidden": 32, "dim": 16, "dropout": 0.0,
+        "features_path": str(tmp_path / "features.parquet"), "embeddings_path": str(emb_dir),
+        "index_path": str(tmp_path / "index.parquet"), "epochs": EPOCHS, "lr": 3e-3, "weight_decay": 0.05, "tau": 0.1, "hidden": 32, "dim": 16, "dropout": 0.0,
         "batches_per_cluster": 10, "low": 2, "high": 9, "seed": 0, "kill_marker": str(tmp_path / "killed"),
     }
     state = run_training(
         crashing_pretrain_loop, config, TrainParams(num_workers=1), stage="pretrain",
-        inputs=[str(tmp_path / "features.parquet"), str(tmp_path / "index.parquet")], max_failures=2,
+        inputs=[str(tmp_path / "features.parquet"), *map(str, embedding_files(emb_dir)), str(tmp_path / "index.parquet")],
+        max_failures=2,
     )
     killed_pid, killed_epoch = map(int, (tmp_path / "killed").read_text().split())
     pids = [int(p) for p in (tmp_path / "killed.pids").read_text().split()]

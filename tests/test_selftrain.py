@@ -26,6 +26,7 @@ from pipelines.io import DataError
 from pipelines.selftrain import pseudo
 from pipelines.selftrain.pseudo import label_pool, pseudo_labels
 from pipelines.train.data import FeatureSet, load_features, write_features_table
+from tests.synthetic import write_embedding_cache
 
 LEVELS = 10
 SEARCH = {"seed": 0, "val_fraction": 1.0, "betas": [0.0, 1.0], "thresholds": [0.5, 0.8]}
@@ -112,20 +113,24 @@ def test_label_pool_errors_name_the_file_and_the_fix():
 
 
 def _features_file(tmp_path):
+    """The features table and its embedding cache, where the stages read them (data/...)."""
     path = tmp_path / "data" / "features" / "features.parquet"
-    write_features_table(path, **columns())
-    return path
+    c = columns()
+    emb = c.pop("emb")
+    write_embedding_cache(tmp_path / "data" / "embeddings" / "images", c["image_id"], emb)
+    write_features_table(path, **c, emb_dim=emb.shape[1])
+    return path, tmp_path / "data" / "embeddings" / "images"
 
 
 def test_pseudo_labels_reads_the_files(tmp_path, monkeypatch):
-    path = _features_file(tmp_path)
+    path, emb_dir = _features_file(tmp_path)
     with pytest.raises(DataError, match=r"head\.pt: trained head not found; run `dvc repro head`"):
-        pseudo_labels(path, tmp_path / "head.pt", min_selected=0.5, **SEARCH)
+        pseudo_labels(path, emb_dir, tmp_path / "head.pt", min_selected=0.5, **SEARCH)
     (tmp_path / "head.pt").write_bytes(b"")
     monkeypatch.setattr(pseudo, "load_head", lambda p: None)
     monkeypatch.setattr(pseudo, "predict_logits", lambda model, tm, emb: emb.astype(np.float64))
-    got = pseudo_labels(path, tmp_path / "head.pt", min_selected=0.5, **SEARCH)
-    want = label_pool(load_features(path), logits_of, min_selected=0.5, **SEARCH)
+    got = pseudo_labels(path, emb_dir, tmp_path / "head.pt", min_selected=0.5, **SEARCH)
+    want = label_pool(load_features(path, emb_dir), logits_of, min_selected=0.5, **SEARCH)
     assert got.metrics() == want.metrics() and got.selected.tolist() == FAR.tolist()
 
 
@@ -138,7 +143,6 @@ def test_stage_and_tune_step_write_the_same_labels(tmp_path, monkeypatch):
     _features_file(tmp_path)
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "head.pt").write_bytes(b"")
-    (tmp_path / "data" / "embeddings").mkdir(parents=True)
     (tmp_path / "data" / "embeddings" / "card.json").write_text(json.dumps({"model": "m", "weights": "w", "random_weights": False}))
     ps = {k: v for k, v in SEARCH.items() if k != "seed"}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({
@@ -157,7 +161,8 @@ def test_stage_and_tune_step_write_the_same_labels(tmp_path, monkeypatch):
     assert list(stage.columns) == COLUMNS and stage["selected"].tolist() == FAR.tolist()
 
     pseudo_label_step({
-        "features_path": "data/features/features.parquet", "head_path": "models/head.pt", "out_path": "trial.parquet",
+        "features_path": "data/features/features.parquet", "embeddings_path": "data/embeddings/images",
+        "head_path": "models/head.pt", "out_path": "trial.parquet",
         **SEARCH, "min_selected": 0.5,
     })
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "trial.parquet"), stage)

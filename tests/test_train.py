@@ -8,17 +8,20 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from pipelines.config import TrainParams
-from pipelines.io import write_parquet
+from pipelines.embed.cache import read_image_embeddings
+from pipelines.io import DataError, write_parquet
 from pipelines.metrics import dist_to_score, srcc
 from pipelines.ranking.index import build_index
-from pipelines.train.data import load_features
+from pipelines.train.data import embedding_files, load_features
 from pipelines.train.loops import head_from_arch, predict_logits, pretrain_loop, supervised_loop
 from pipelines.train.runner import fingerprint, run_training
-from tests.synthetic import make_features
+from tests.synthetic import make_features, write_embedding_cache
 
 LOCAL = TrainParams(num_workers=0)
 HEAD = {
@@ -32,7 +35,7 @@ HEAD = {
 def workdir(tmp_path, monkeypatch):
     monkeypatch.setenv("IAA_RUNS_DIR", str(tmp_path / "runs"))
     make_features(tmp_path / "features.parquet")
-    train = load_features(tmp_path / "features.parquet").split_of("train")
+    train = load_features(tmp_path / "features.parquet", tmp_path / "embeddings").split_of("train")
     index, _ = build_index(train.cluster, train.score, low=2, high=9, n_per_bin="auto")
     write_parquet(tmp_path / "index.parquet", index)
     return tmp_path
@@ -40,14 +43,15 @@ def workdir(tmp_path, monkeypatch):
 
 def pretrain_config(tmp: Path, epochs: int = 4, batches: int = 5) -> dict:
     return {
-        "features_path": str(tmp / "features.parquet"), "index_path": str(tmp / "index.parquet"), "epochs": epochs,
+        "features_path": str(tmp / "features.parquet"), "embeddings_path": str(tmp / "embeddings"),
+        "index_path": str(tmp / "index.parquet"), "epochs": epochs,
         "lr": 3e-3, "weight_decay": 0.05, "tau": 0.1, "hidden": 32, "dim": 16, "dropout": 0.0,
         "batches_per_cluster": batches, "low": 2, "high": 9, "seed": 0,
     }
 
 
 def inputs(tmp: Path) -> list[str]:
-    return [str(tmp / "features.parquet"), str(tmp / "index.parquet")]
+    return [str(tmp / "features.parquet"), *map(str, embedding_files(tmp / "embeddings")), str(tmp / "index.parquet")]
 
 
 def test_pretrain_then_head_learn(workdir):
@@ -55,13 +59,14 @@ def test_pretrain_then_head_learn(workdir):
     assert state["epoch"] == 3 and state["started_at_epoch"] == 0
     torch.save(state, workdir / "cr.pt")
     config = {
-        "features_path": str(workdir / "features.parquet"), "cr_path": str(workdir / "cr.pt"), "head": HEAD,
+        "features_path": str(workdir / "features.parquet"), "embeddings_path": str(workdir / "embeddings"),
+        "cr_path": str(workdir / "cr.pt"), "head": HEAD,
         "epochs": 25, "lr": 3e-3, "seed": 0,
     }
     head = run_training(supervised_loop, config, LOCAL, stage="head", inputs=inputs(workdir))
     model = head_from_arch(head["arch"])
     model.load_state_dict(head["model"])
-    test = load_features(workdir / "features.parquet").split_of("test")
+    test = load_features(workdir / "features.parquet", workdir / "embeddings").split_of("test")
     pred = dist_to_score(torch.softmax(torch.from_numpy(predict_logits(model, test.tm, test.emb)), 1).numpy())
     assert srcc(pred, test.score) > 0.6  # the score is a linear function of the embedding
     # linear probe: the CR encoder weights are the pretrained ones, untouched
@@ -76,7 +81,45 @@ def test_fingerprint_changes_with_config_and_inputs(workdir):
     assert a == fingerprint(pretrain_config(workdir), inputs(workdir))
     assert a != fingerprint(pretrain_config(workdir, epochs=5), inputs(workdir))
     make_features(workdir / "features.parquet", seed=1)
-    assert a != fingerprint(pretrain_config(workdir), inputs(workdir))
+    b = fingerprint(pretrain_config(workdir), inputs(workdir))
+    assert a != b
+    # the embeddings live in their own cache (not in the features table): changing only them changes it too
+    ids, emb = read_image_embeddings(workdir / "embeddings")
+    write_embedding_cache(workdir / "embeddings", ids, emb[::-1], chunk_rows=100)
+    assert b != fingerprint(pretrain_config(workdir), inputs(workdir))
+
+
+def test_load_features_joins_the_embedding_cache_by_image_id(tmp_path):
+    cache = make_features(tmp_path / "features.parquet", n=50)
+    ids, emb = read_image_embeddings(cache)
+    feats = load_features(tmp_path / "features.parquet", cache)
+    assert feats.image_id.tolist() == ids and np.array_equal(feats.emb, emb)
+    assert pq.read_schema(tmp_path / "features.parquet").names == ["image_id", "split", "score", "cluster", "dist", "tm"]
+    # another order, and extra images the table does not list: still joined by id, in the table's order
+    order = np.random.default_rng(0).permutation(len(ids))
+    extra = np.ones((3, emb.shape[1]), np.float32)
+    write_embedding_cache(tmp_path / "shuffled", [ids[i] for i in order] + ["x1", "x2", "x3"],
+                          np.concatenate([emb[order], extra]), chunk_rows=16)
+    again = load_features(tmp_path / "features.parquet", tmp_path / "shuffled")
+    assert again.image_id.tolist() == ids and np.array_equal(again.emb, emb)
+    assert np.array_equal(again.take(np.arange(5, 9)).emb, emb[5:9])
+    # no embeddings wanted (the index stage): N x 0
+    assert load_features(tmp_path / "features.parquet", None).emb.shape == (50, 0)
+
+
+def test_load_features_errors_name_both_files(tmp_path):
+    cache = make_features(tmp_path / "features.parquet", n=20)
+    ids, emb = read_image_embeddings(cache)
+    write_embedding_cache(tmp_path / "partial", ids[:-2], emb[:-2])
+    with pytest.raises(DataError, match=r"features\.parquet: 2 image id\(s\) have no embedding in .*partial \(e\.g\. img0018\)"):
+        load_features(tmp_path / "features.parquet", tmp_path / "partial")
+    write_embedding_cache(tmp_path / "wide", ids, np.zeros((len(ids), 32), np.float32))
+    with pytest.raises(DataError, match=r"features\.parquet: built from 16-d embeddings, but .*wide holds 32-d ones"):
+        load_features(tmp_path / "features.parquet", tmp_path / "wide")
+    with pytest.raises(DataError, match=r"missing: embedding cache not found"):
+        load_features(tmp_path / "features.parquet", tmp_path / "missing")
+    with pytest.raises(DataError, match=r"missing: embedding cache not found"):
+        embedding_files(tmp_path / "missing")
 
 
 def test_killed_training_resumes_from_last_epoch(workdir):
@@ -115,13 +158,13 @@ def test_killed_training_resumes_from_last_epoch(workdir):
 def _val_srcc(state: dict, features: Path) -> float:
     model = head_from_arch(state["arch"])
     model.load_state_dict(state["model"])
-    val = load_features(features).split_of("val")
+    val = load_features(features, features.parent / "embeddings").split_of("val")
     return srcc(dist_to_score(torch.softmax(torch.from_numpy(predict_logits(model, val.tm, val.emb)), 1).numpy()), val.score)
 
 
 def test_head_keeps_its_best_validation_epoch(workdir):
     """Same seed, same trajectory: keep_best returns the best-val epoch's weights, not the last."""
-    base = {"features_path": str(workdir / "features.parquet"), "cr_path": None, "epochs": 12, "lr": 3e-2, "seed": 0}
+    base = {"features_path": str(workdir / "features.parquet"), "embeddings_path": str(workdir / "embeddings"), "cr_path": None, "epochs": 12, "lr": 3e-2, "seed": 0}
     head = {**HEAD, "use_cr": False, "dropout": 0.0}
     last = run_training(supervised_loop, {**base, "head": {**head, "keep_best": False}}, LOCAL, stage="head", inputs=inputs(workdir))
     best = run_training(supervised_loop, {**base, "head": head}, LOCAL, stage="head", inputs=inputs(workdir))
@@ -136,14 +179,14 @@ def test_head_on_hidden_cr_features_with_re_emd(workdir):
     state = run_training(pretrain_loop, pretrain_config(workdir), LOCAL, stage="pretrain", inputs=inputs(workdir))
     torch.save(state, workdir / "cr.pt")
     config = {
-        "features_path": str(workdir / "features.parquet"), "cr_path": str(workdir / "cr.pt"),
-        "head": {**HEAD, "cr_features": "hidden", "loss": "re_emd"}, "epochs": 15, "lr": 3e-3, "seed": 0,
+        "features_path": str(workdir / "features.parquet"), "embeddings_path": str(workdir / "embeddings"),
+        "cr_path": str(workdir / "cr.pt"), "head": {**HEAD, "cr_features": "hidden", "loss": "re_emd"}, "epochs": 15, "lr": 3e-3, "seed": 0,
     }
     head = run_training(supervised_loop, config, LOCAL, stage="head", inputs=inputs(workdir))
     assert head["model"]["cr_proj.weight"].shape[1] == 32  # the CR encoder's hidden width, not its 16-d output
     model = head_from_arch(head["arch"])
     model.load_state_dict(head["model"])
-    test = load_features(workdir / "features.parquet").split_of("test")
+    test = load_features(workdir / "features.parquet", workdir / "embeddings").split_of("test")
     pred = dist_to_score(torch.softmax(torch.from_numpy(predict_logits(model, test.tm, test.emb)), 1).numpy())
     assert srcc(pred, test.score) > 0.6
 

@@ -83,7 +83,7 @@ def ray_2cpu():
 @pytest.mark.slow  # ~90 s on 2 shared CPUs: two trials, each a Tune actor + Train controller + worker
 def test_head_search_asha_mlflow_children_and_best_fragment(tmp_path, monkeypatch, ray_2cpu):
     monkeypatch.chdir(tmp_path)
-    make_features(tmp_path / "data" / "features" / "features.parquet")
+    make_features(tmp_path / "data" / "features" / "features.parquet", embeddings=tmp_path / "data" / "embeddings" / "images")
     uri = setup(MlflowParams(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_root=str(tmp_path / "art"), experiment="tune-test"))
     space = load_space(write_space(tmp_path / "space.yaml"))
     result = run_search(
@@ -137,11 +137,12 @@ def test_pretrain_and_pseudo_trials_chain_their_steps(tmp_path):
     from pipelines.train.loops import head_from_arch
     from stages.tune import pretrain_steps, pseudo_label_step, pseudo_steps
 
-    make_features(tmp_path / "data" / "features" / "features.parquet")
+    make_features(tmp_path / "data" / "features" / "features.parquet", embeddings=tmp_path / "data" / "embeddings" / "images")
     p = apply_overrides(RAW, {"pretrain.tau": 0.2, "selftrain.unlabeled_weight": 0.5, "head.use_cr": True}, "s.yaml")
     pre, head = pretrain_steps(p, tmp_path / "trial", root=str(tmp_path))
     assert pre.config["tau"] == 0.2 and pre.save_to == head.config["cr_path"] == str(tmp_path / "trial" / "cr_encoder.pt")
     assert head.config["features_path"] == str(tmp_path / "data" / "features" / "features.parquet")
+    assert pre.config["embeddings_path"] == head.config["embeddings_path"] == str(tmp_path / "data" / "embeddings" / "images")
 
     arch = {"tm_in": 14, "n_levels": 10, "cr_spec": None, "head": {**p.__dict__["head"].__dict__, "use_cr": False}}
     arch["head"].pop("ray")

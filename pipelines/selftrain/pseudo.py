@@ -101,9 +101,12 @@ def label_pool(
     return PseudoLabels(unl.image_id, probs, select_pseudo_labels(probs, search["t"]), search, len(val), mean_score)
 
 
-def pseudo_labels(features_path: str | Path, head_path: str | Path, **search) -> PseudoLabels:
-    """``label_pool`` on a features table with a trained head's logits (``search``: its keywords)."""
-    feats = load_features(features_path)
+def pseudo_labels(
+    features_path: str | Path, embeddings_path: str | Path, head_path: str | Path, **search
+) -> PseudoLabels:
+    """``label_pool`` on a features table (embeddings joined from ``embeddings_path``, the image
+    embedding cache) with a trained head's logits (``search``: its keywords)."""
+    feats = load_features(features_path, embeddings_path)
     if not Path(head_path).exists():
         raise DataError(f"{head_path}: trained head not found; run `dvc repro head`.")
     model = load_head(head_path)

@@ -36,7 +36,7 @@ def pretrain_loop(config: dict) -> None:
     """Traversal contrastive learning on balanced-level batches (TMCR sec. 3.3)."""
     rank, world, device = worker_info()
     _seed(config["seed"])
-    train = load_features(config["features_path"]).split_of("train")
+    train = load_features(config["features_path"], config["embeddings_path"]).split_of("train")
     index = pd.read_parquet(config["index_path"])
     # N_s per cluster comes from the index stage (`index.n_per_bin`)
     sampler = BalancedBatchSampler(index, batches_per_cluster=config["batches_per_cluster"], seed=config["seed"])
@@ -156,7 +156,7 @@ def supervised_loop(config: dict) -> None:
     gen = _seed(config["seed"])
     h = config["head"]
     dist_loss = head_loss(h)
-    feats = load_features(config["features_path"])
+    feats = load_features(config["features_path"], config["embeddings_path"])
     train, val = feats.split_of("train"), feats.split_of("val")
     model, arch = build_head(config, train.tm.shape[1], train.emb.shape[1], train.n_levels)
     model.fit_normaliser(torch.from_numpy(train.tm))
