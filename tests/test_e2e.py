@@ -133,3 +133,35 @@ def test_stage_reports_unknown_param(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "stages.index"], cwd=repo, env=env, capture_output=True, text=True)
     assert proc.returncode == 2
     assert "unknown param 'index.n_per_bins'" in proc.stderr and "params.yaml" in proc.stderr
+
+
+def test_byo_embeddings_skip_clip_and_their_folder_is_a_dependency(tmp_path):
+    """`embed.source: byo` with tables in data/byo/: no CLIP runs, features are built from the
+    tables, and replacing a table makes DVC rerun embed."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    byo = {"source": "byo", "byo_items": "data/byo/items.parquet", "byo_texts": "data/byo/texts.parquet",
+           "byo_normalise": True}
+    repo, env = make_repo(tmp_path, merge(TINY, {"embed": byo}))
+    dvc(repo, env, "repro", "prepare", "tags")
+    ids = pd.read_parquet(repo / "data/manifest.parquet")["image_id"].astype(str).tolist()
+    tags = [t for k in ("semantic", "attribute") for t in (repo / f"data/tags/{k}.txt").read_text().split("\n") if t]
+
+    def write_tables(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        for name, col, keys in (("items", "image_id", ids[:-3]), ("texts", "phrase", tags[:-1])):
+            emb = rng.normal(size=(len(keys), 16)).astype(np.float32)
+            pq.write_table(pa.table({col: keys, "embedding": [r.tolist() for r in emb]}), repo / f"data/byo/{name}.parquet")
+
+    write_tables(0)
+    dvc(repo, env, "repro", "features")
+    report = json.loads((repo / "data/embeddings/report.json").read_text())
+    assert report["items"]["manifest_without_embedding"] == 3
+    card = json.loads((repo / "data/embeddings/card.json").read_text())
+    assert card["model"] == "byo" and card["embed_dim"] == 16
+    feats = pq.read_table(repo / "data/features/features.parquet")
+    assert feats.num_rows == len(ids) - 3 and feats.schema.field("tm").type.list_size == len(tags) - 1
+    assert "up to date" in dvc(repo, env, "status", "--with-deps", "features").stdout.lower()
+    write_tables(1)  # new embeddings: embed (and everything after it) is stale
+    assert "embed" in dvc(repo, env, "status", "--with-deps", "features").stdout
