@@ -135,10 +135,10 @@ def main() -> None:
         if p.evaluate.register:
             info = log_scoring_model(bundle, card, registered_name=p.mlflow.model_name, pip_requirements=requirements(REQUIREMENTS))
             version = str(info.registered_model_version)
-            test_metrics = {k: v for k, v in results[best].items() if v is not None}
-            tags = registry.version_tags(metrics={**test_metrics, "val_srcc": val_srcc[best]}, dataset=p.data.name, card=card)
-            registry.tag_version(p.mlflow.model_name, version, {**tags, "data": p.data.name, **weights_tags(card)})
-            alias = registry.promote(p.mlflow.model_name, version, "val_srcc", val_srcc[best])
+            alias = registry.tag_and_promote(
+                p.mlflow.model_name, version, metrics={**results[best], "val_srcc": val_srcc[best]}, dataset=p.data.name,
+                card=card, extra={"data": p.data.name, **weights_tags(card)},
+            )
             model_card.update({"registered": f"models:/{p.mlflow.model_name}/{version}", "alias": alias})
     if warning:
         model_card["WARNING"] = warning

@@ -18,7 +18,6 @@ only the model code knows (families, Corner Grid modes, ...) are checked here, b
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -49,16 +48,13 @@ def register_family(p: Params, family: str, test_metrics: dict, val_srcc: float,
     name = registered_name(p, family)
     info = log_family_model(MODEL_OUT.resolve(), registered_name=name, pip_requirements=requirements())
     version = str(info.registered_model_version)
-    tags = registry.version_tags(metrics={**test_metrics, "val_srcc": val_srcc}, dataset=p.data.name)  # finite ones
-    tags.update({"data": p.data.name, "family": family, "random_weights": str(bool(random_backbone)).lower(),
-                 "backbone_weights": weights or "random"})
+    extra = {"data": p.data.name, "family": family, "random_weights": str(bool(random_backbone)).lower(),
+             "backbone_weights": weights or "random"}
     if random_backbone:
-        tags["WARNING"] = RANDOM_BACKBONE_WARNING
-    registry.tag_version(name, version, tags)
-    alias = None
-    if math.isfinite(val_srcc):
-        alias = registry.promote(name, version, "val_srcc", val_srcc)
-    else:
+        extra["WARNING"] = RANDOM_BACKBONE_WARNING
+    alias = registry.tag_and_promote(name, version, metrics={**test_metrics, "val_srcc": val_srcc}, dataset=p.data.name,
+                                     extra=extra)
+    if alias is None:
         log.warning("models:/%s/%s: val_srcc is not finite (too few validation images); registered without an alias.", name, version)
     return {"registered": f"models:/{name}/{version}", "alias": alias}
 

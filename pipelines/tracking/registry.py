@@ -108,18 +108,34 @@ def promote_challenger(name: str, metric: str, higher_is_better: bool = True, cl
     return promote(name, str(challenger.version), metric, float(raw), higher_is_better, client)
 
 
+def tag_and_promote(name: str, version: str, *, metrics: dict[str, Any], dataset: str, card: dict | None = None,
+                    extra: dict[str, str] | None = None, metric: str = "val_srcc", higher_is_better: bool = True,
+                    client: MlflowClient | None = None) -> str | None:
+    """Tag a registered version (``version_tags`` plus ``extra``), then apply the promotion rule on
+    ``metrics[metric]``. Returns the alias given, or None when that metric is missing or not
+    finite (e.g. too few validation images to rank the version): it stays registered, unranked.
+    """
+    client = client or MlflowClient()
+    tag_version(name, version, {**version_tags(metrics=metrics, dataset=dataset, card=card), **(extra or {})}, client)
+    value = metrics.get(metric)
+    if not _number(value):
+        return None
+    return promote(name, version, metric, float(value), higher_is_better, client)
+
+
 def register(model_uri: str, name: str, *, metrics: dict[str, float], dataset: str, card: dict | None,
              metric: str, higher_is_better: bool = True) -> tuple[str, str]:
     """Register ``model_uri`` (e.g. ``runs:/ID/model``) with its tags, then apply the promotion rule.
 
     Returns (version, alias).
     """
-    client = MlflowClient()
-    mv = mlflow.register_model(model_uri, name)
-    tag_version(name, mv.version, version_tags(metrics=metrics, dataset=dataset, card=card), client)
     if metric not in metrics:
         raise ValueError(f"metrics lack the promotion metric {metric!r}: {sorted(metrics)}")
-    alias = promote(name, mv.version, metric, float(metrics[metric]), higher_is_better, client)
+    mv = mlflow.register_model(model_uri, name)
+    alias = tag_and_promote(name, str(mv.version), metrics=metrics, dataset=dataset, card=card, metric=metric,
+                            higher_is_better=higher_is_better)
+    if alias is None:
+        raise ValueError(f"{name} v{mv.version}: {metric} = {metrics[metric]!r} is not a finite number; cannot rank it")
     return str(mv.version), alias
 
 
