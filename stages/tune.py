@@ -9,7 +9,9 @@ Stages (each trial trains through the stage's own loop with Ray Train):
 - ``pretrain``: E_CR pretraining, then a head on top; scored by the head's validation metric
   (the contrastive loss alone does not compare across temperatures);
 - ``pseudo``: APDS pseudo-labels from ``models/head.pt`` with the trial's
-  ``pseudo_search.*`` values, then self-training; scored by the self-trained head.
+  ``pseudo_search.*`` values, then self-training; scored by the self-trained head;
+- ``family``: the image family of ``model.family`` (M+MNet / AE fusion) on the manifest's
+  images with the trial's ``model.*`` values; scored by its validation metric.
 
 Writes ``<out>/best_params.yaml`` (a params.yaml fragment) and ``<out>/best.json`` (with the
 ``dvc exp run -S ...`` arguments). Needs the upstream DVC outputs (``dvc repro head``
@@ -30,10 +32,10 @@ from pipelines.io import DataError, write_parquet
 from pipelines.train.loops import pretrain_loop, supervised_loop
 from pipelines.train.runner import runs_dir
 from pipelines.tune.search import Step, load_space, run_search, write_best
-from stages.common import FEATURES, IMAGE_EMB, INDEX, MODELS, cli
+from stages.common import FEATURES, IMAGE_EMB, INDEX, MANIFEST, MODELS, cli
 from stages.head import head_config
 
-STAGES = ("head", "pretrain", "pseudo")
+STAGES = ("head", "pretrain", "pseudo", "family")
 
 
 def _abs(root: Path, path) -> str:
@@ -99,10 +101,20 @@ def pseudo_steps(p: Params, trial_dir: Path, *, root: str) -> list[Step]:
     return [label, st]
 
 
-BUILDERS = {"head": head_steps, "pretrain": pretrain_steps, "pseudo": pseudo_steps}
+def family_steps(p: Params, trial_dir: Path, *, root: str) -> list[Step]:
+    """One step: the family stage's training loop with the trial's ``model.*`` values."""
+    from pipelines.models.image_loop import image_family_loop
+    from stages.family import family_config
+
+    root = Path(root)
+    config = {**family_config(p.model, p.seed), "manifest_path": _abs(root, MANIFEST), "root": str(root)}
+    return [Step("family", image_family_loop, config)]
+
+
+BUILDERS = {"head": head_steps, "pretrain": pretrain_steps, "pseudo": pseudo_steps, "family": family_steps}
 NEEDS = {
     "head": [FEATURES, IMAGE_EMB, MODELS / "cr_encoder.pt"], "pretrain": [FEATURES, IMAGE_EMB, INDEX],
-    "pseudo": [FEATURES, IMAGE_EMB, MODELS / "head.pt", MODELS / "cr_encoder.pt"],
+    "pseudo": [FEATURES, IMAGE_EMB, MODELS / "head.pt", MODELS / "cr_encoder.pt"], "family": [MANIFEST],
 }
 
 
@@ -130,6 +142,10 @@ def main(argv=None) -> None:
     if args.num_samples:
         space.num_samples = args.num_samples
     p = load_params(args.params)
+    if space.stage == "family":
+        from stages.family import load_family_params
+
+        load_family_params(args.params)  # the model choices, checked before any trial starts
     raw = yaml.safe_load(Path(args.params).read_text(encoding="utf-8")) or {}
     root = Path.cwd()
     missing = [str(x) for x in NEEDS[space.stage] if not (root / x).exists() and not (x == MODELS / "cr_encoder.pt" and not p.head.use_cr)]

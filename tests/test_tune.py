@@ -156,3 +156,37 @@ def test_pretrain_and_pseudo_trials_chain_their_steps(tmp_path):
     table = pd.read_parquet(label.config["out_path"])
     assert len(table) > 0 and table["selected"].any()
     assert all(abs(sum(d) - 1) < 1e-4 for d in table["pseudo_dist"])
+
+
+@pytest.mark.slow  # two trials of the tiny image-family loop, each with a Ray Train worker
+def test_family_search_tunes_model_params(tmp_path, monkeypatch, ray_2cpu):
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.data.demo import generate_demo
+    from pipelines.data.manifest import build_manifest, write_manifest
+    from stages.tune import family_steps
+
+    monkeypatch.chdir(tmp_path)
+    generate_demo(tmp_path / "data" / "demo", n_images=40, image_size=48, progress=False)
+    table, _ = build_manifest("votes_csv", tmp_path / "data" / "demo" / "labels.csv", tmp_path / "data" / "demo" / "images")
+    write_manifest(tmp_path / "data" / "manifest.parquet", table)
+    raw = {"seed": 0, "model": {"family": "aesaf", "image_size": 32, "batch_size": 8, "aesaf": {"widths": [8, 16], "group_maps": 4}}}
+    uri = setup(MlflowParams(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_root=str(tmp_path / "art"), experiment="tune-fam"))
+    space = load_space(write_space(
+        tmp_path / "space.yaml", stage="family", scheduler={"type": "fifo"}, fixed={"model.epochs": 2},
+        space={"model.lr": {"grid": [1.0e-4, 3.0e-3]}},
+    ))
+    result = run_search(space, raw, functools.partial(family_steps, root=str(tmp_path)), tracking_uri=uri,
+                        experiment="tune-fam", work_dir=tmp_path / "runs", name="fam")
+    assert len(result.trials) == 2 and all(t["error"] is None and t["epochs"] == 2 for t in result.trials), result.trials
+    assert {t["params"]["model.lr"] for t in result.trials} == {1e-4, 3e-3}
+    assert result.best_params["model.epochs"] == 2 and result.best_value == max(t["val_srcc"] for t in result.trials)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("tune-fam")
+    children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
+    assert len(children) == 2
+    for r in children:  # the image loop's per-epoch metrics, precision state included
+        assert len(client.get_metric_history(r.info.run_id, "val_srcc")) == 2
+        assert len(client.get_metric_history(r.info.run_id, "mixed_precision")) == 2
+    summary = json.loads(write_best(result, tmp_path / "out", metric="val_srcc")["json"].read_text())
+    assert f"model.lr={result.best_params['model.lr']}" in summary["set_args"]

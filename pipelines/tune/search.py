@@ -376,7 +376,7 @@ def run_search(
     apply_overrides(raw_params, space.fixed, space.source)  # fail fast on a bad fixed key
     if max_epochs is None:
         probe = apply_overrides(raw_params, space.fixed, space.source)
-        block = "selftrain" if space.stage == "pseudo" else "head"
+        block = {"pseudo": "selftrain", "family": "model"}.get(space.stage, "head")  # the block of the scored step
         max_epochs = getattr(probe, block).epochs
     _ensure_ray(num_cpus)
     work_dir = Path(work_dir).resolve()
