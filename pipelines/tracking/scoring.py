@@ -161,7 +161,7 @@ class FamilyModel(mlflow.pyfunc.PythonModel):
             for j in range(0, len(ready), step):
                 chunk = ready[j : j + step]
                 probs = self.model(torch.stack([x for _, x in chunk]))["probs"].float().numpy()
-                for (i, _), p in zip(chunk, probs):
+                for (i, _), p in zip(chunk, probs, strict=True):
                     rows[i] = score_row(p)
         return pd.DataFrame(rows, columns=FAMILY_COLUMNS)
 

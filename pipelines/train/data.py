@@ -119,7 +119,7 @@ def _join_embeddings(features: Path, cache: Path, image_id: np.ndarray, emb_dim:
         raise DataError(
             f"{features}: built from {int(emb_dim)}-d embeddings, but {cache} holds {emb.shape[1]}-d ones; {fix}."
         )
-    if len(ids) == len(image_id) and all(a == b for a, b in zip(ids, image_id)):
+    if len(ids) == len(image_id) and all(a == b for a, b in zip(ids, image_id, strict=True)):
         return emb  # the features stage writes the cache's order: no copy
     rows = pd.Index(ids).get_indexer(pd.Index(image_id))  # cache ids are unique (checked on read)
     if (missing := np.flatnonzero(rows < 0)).size:
