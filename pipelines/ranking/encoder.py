@@ -12,6 +12,15 @@ import torch
 from torch import nn
 
 
+LAYERS = ("output", "hidden")  # what a head can read from E_CR (``head.cr_features``)
+
+
+def _layer(layer: str) -> str:
+    if layer not in LAYERS:
+        raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}")
+    return layer
+
+
 class CREncoder(nn.Module):
     def __init__(self, in_dim: int, hidden: int = 512, dim: int = 128, dropout: float = 0.1):
         super().__init__()
@@ -26,14 +35,10 @@ class CREncoder(nn.Module):
     def features(self, x: torch.Tensor, layer: str = "output") -> torch.Tensor:
         """``output``: the contrastive embedding z (what the loss sees); ``hidden``: the layer
         below it (SimCLR / SupCon practice: the representation before the projection)."""
-        if layer == "output":
-            return self.net(x)
-        if layer == "hidden":
-            return self.net[:3](x)
-        raise ValueError(f"layer must be 'output' or 'hidden', got {layer!r}")
+        return self.net(x) if _layer(layer) == "output" else self.net[:3](x)
 
     def out_dim(self, layer: str = "output") -> int:
-        return self.hidden if layer == "hidden" else self.dim
+        return self.dim if _layer(layer) == "output" else self.hidden
 
     def spec(self) -> dict:
         return {"in_dim": self.in_dim, "hidden": self.hidden, "dim": self.dim, "dropout": self.dropout}
