@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from pipelines.config import TrainParams
-from pipelines.io import DataError, atomic_path
+from pipelines.io import DataError, atomic_path, load_torch
 
 STATE_FILE = "state.pt"
 CHECKPOINT_EVERY = 5
@@ -99,7 +99,7 @@ def run_training(
     if result.checkpoint is None:
         raise RuntimeError(f"{stage}: Ray Train finished without a checkpoint ({result.error})")
     with result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+        state = load_torch(Path(d) / STATE_FILE)
     shutil.rmtree(resume.parent.parent, ignore_errors=True)
     return state
 
@@ -124,10 +124,10 @@ def load_resume_state(config: dict) -> dict | None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            states.append(torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False))
+            states.append(load_torch(Path(d) / STATE_FILE))
     path = Path(config["resume_path"])
     if path.exists():
-        states.append(torch.load(path, map_location="cpu", weights_only=False))
+        states.append(load_torch(path))
     return max(states, key=lambda s: s["epoch"], default=None)
 
 
