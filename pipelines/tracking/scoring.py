@@ -193,9 +193,10 @@ def decode_image(data: bytes, limits: Limits):
             im = Image.open(io.BytesIO(data), formats=FORMATS)
         except Image.DecompressionBombError as exc:
             raise RowError(f"the image is too large to decode ({exc}); the limit is {limits.max_pixels} pixels.") from None
-        except UnidentifiedImageError:
+        except Exception as exc:  # noqa: BLE001 - not an image of a known format, or a broken header
             start = data[:8].hex(" ") if data else "nothing"
-            raise RowError(f"not a readable {', '.join(FORMATS)} image ({len(data)} bytes, starting {start}).") from None
+            detail = "" if isinstance(exc, UnidentifiedImageError) else f"; {type(exc).__name__}: {exc}"
+            raise RowError(f"not a readable {', '.join(FORMATS)} image ({len(data)} bytes, starting {start}{detail}).") from None
         w, h = im.size
         if w * h > limits.max_pixels:
             raise RowError(f"the image is {w} x {h} = {w * h} pixels; the limit is {limits.max_pixels} ({ENV['max_pixels']}).")
