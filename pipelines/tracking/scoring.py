@@ -172,7 +172,7 @@ def _read_under_root(path: Any, limits: Limits) -> bytes:
         raise RowError(f"'path' inputs are off on this server: send the image bytes in 'image' (base64 in JSON); "
                        f"the operator may allow paths under one folder with {ENV['path_root']}.")
     if not isinstance(path, str) or not path or "\x00" in path:
-        raise RowError(f"'path' must be a file name (text), not {type(path).__name__ if not isinstance(path, str) else repr(path[:80])}.")
+        raise RowError("'path' must be a file name: non-empty text without NUL characters.")
     target = (root / path).resolve()  # an absolute path stays absolute
     if not target.is_relative_to(root):
         raise RowError("'path' must name a file under the serving path root.")
@@ -187,23 +187,23 @@ def decode_image(data: bytes, limits: Limits):
     (from the header, before decoding: a 50,000 x 50,000 PNG is refused without allocating it)."""
     from PIL import Image, UnidentifiedImageError
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PIL's DecompressionBombWarning, palette / EXIF notices
-        try:
-            im = Image.open(io.BytesIO(data), formats=FORMATS)
-        except Image.DecompressionBombError as exc:
-            raise RowError(f"the image is too large to decode ({exc}); the limit is {limits.max_pixels} pixels.") from None
-        except Exception as exc:  # noqa: BLE001 - not an image of a known format, or a broken header
-            start = data[:8].hex(" ") if data else "nothing"
-            detail = "" if isinstance(exc, UnidentifiedImageError) else f"; {type(exc).__name__}: {exc}"
-            raise RowError(f"not a readable {', '.join(FORMATS)} image ({len(data)} bytes, starting {start}{detail}).") from None
-        w, h = im.size
-        if w * h > limits.max_pixels:
-            raise RowError(f"the image is {w} x {h} = {w * h} pixels; the limit is {limits.max_pixels} ({ENV['max_pixels']}).")
-        try:
-            return im.convert("RGB")
-        except Exception as exc:  # noqa: BLE001 - truncated / corrupt data: PIL raises many kinds
-            raise RowError(f"cannot decode the {im.format} image ({type(exc).__name__}: {exc}).") from None
+    # PIL warns between its two limits; ours (checked below) is lower, and the row's error says so
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    try:
+        im = Image.open(io.BytesIO(data), formats=FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise RowError(f"the image is too large to decode ({exc}); the limit is {limits.max_pixels} pixels.") from None
+    except Exception as exc:  # noqa: BLE001 - not an image of a known format, or a broken header
+        start = data[:8].hex(" ") if data else "nothing"
+        detail = "" if isinstance(exc, UnidentifiedImageError) else f"; {type(exc).__name__}: {exc}"
+        raise RowError(f"not a readable {', '.join(FORMATS)} image ({len(data)} bytes, starting {start}{detail}).") from None
+    w, h = im.size
+    if w * h > limits.max_pixels:
+        raise RowError(f"the image is {w} x {h} = {w * h} pixels; the limit is {limits.max_pixels} ({ENV['max_pixels']}).")
+    try:
+        return im.convert("RGB")
+    except Exception as exc:  # noqa: BLE001 - truncated / corrupt data: PIL raises many kinds
+        raise RowError(f"cannot decode the {im.format} image ({type(exc).__name__}: {exc}).") from None
 
 
 def read_row_image(row: pd.Series, limits: Limits | None = None):
