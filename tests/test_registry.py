@@ -77,6 +77,7 @@ def store(tmp_path_factory):
         info = log_scoring_model(tmp / "bundle.pt", CARD, registered_name=None, pip_requirements=["mlflow"])
     yield uri, info.model_uri, tmp
     mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)  # later modules' stages must not write into this store
 
 
 def aliases(client, name):

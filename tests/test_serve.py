@@ -70,8 +70,9 @@ def register_served_model(tmp_path: Path, name: str = "served") -> str:
         with mlflow.start_run(experiment_id=exp):
             info = log_scoring_model(tmp_path / "bundle.pt", CARD, registered_name=None, pip_requirements=["mlflow"])
         registry.register(info.model_uri, name, metrics={"val_srcc": 0.2}, dataset="demo", card=CARD, metric="val_srcc")
-    finally:
+    finally:  # the conftest restores the environment; these reset the in-process URIs
         mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
     return uri
 
 
