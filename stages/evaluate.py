@@ -15,7 +15,7 @@ from pipelines.tracking.scoring import log_scoring_model, make_bundle, requireme
 from pipelines.embed.encode import read_text_embeddings
 from pipelines.train.data import load_features
 from pipelines.train.loops import load_head, predict_logits
-from stages.common import FEATURES, IMAGE_EMB, METRICS, MODELS, PLOTS, TAG_EMB, cli, params, stamp, weights_card
+from stages.common import FEATURES, IMAGE_EMB, MODELS, PLOTS, TAG_EMB, cli, params, random_warning, stamp, weights_card, write_metrics
 
 MODEL_FILES = {"head": MODELS / "head.pt", "selftrain": MODELS / "selftrain.pt"}
 REQUIREMENTS = ("torch", "torchvision", "open_clip_torch", "numpy", "pandas", "pillow", "mlflow")
@@ -85,7 +85,7 @@ def _save(fig, path) -> None:
 def main() -> None:
     p = params()
     card = weights_card()
-    warning = stamp({}, card).get("WARNING")
+    warning = random_warning(card)
     feats = load_features(FEATURES, IMAGE_EMB)
     train, val, test = feats.split_of("train"), feats.split_of("val"), feats.split_of("test")
     if len(test) < 3:
@@ -96,11 +96,13 @@ def main() -> None:
         probs = predict_probs(model, test)
         results[name] = evaluate(probs, test.dist, train.score, threshold=p.data.threshold, seed=p.seed)
         preds[name] = dist_to_score(probs)
-        region_rows += [{"model": name, "region": k, "mae": v} for k, v in lmh_mae(preds[name], test.score).items()]
+        # `bar`: one row per (region, model) in `dvc plots` (sorted L, M, H), so the models' bars never overlap
+        region_rows += [{"model": name, "region": k, "mae": v, "bar": f"{i} {k}: {name}"}
+                        for i, (k, v) in enumerate(lmh_mae(preds[name], test.score).items(), 1)]
         val_srcc[name] = float(srcc(dist_to_score(predict_probs(model, val)), val.score)) if len(val) >= 3 else float("nan")
     best = max(val_srcc, key=lambda k: -np.inf if np.isnan(val_srcc[k]) else val_srcc[k])
-    metrics = stamp({**results, "registered_model": best, "val_srcc": val_srcc}, card)
-    write_json(METRICS / "eval.json", metrics)
+    write_metrics("eval", stamp({**results, "registered_model": best, "val_srcc": val_srcc}, card), list(results),
+                  random_weights=card["random_weights"], registered_model=best)
 
     PLOTS.mkdir(exist_ok=True)
     pred_table = pd.DataFrame({"image_id": test.image_id, "true_score": test.score, **{f"pred_{k}": v for k, v in preds.items()}})

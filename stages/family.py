@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from pipelines.config import ModelParams, Params, as_dict, load_params
-from pipelines.io import DataError, atomic_path, write_json
-from stages.common import MANIFEST, METRICS, MODELS, cli
+from pipelines.io import DataError, atomic_path
+from stages.common import MANIFEST, MODELS, cli, write_metrics
 
 MODEL_OUT = MODELS / "family.pt"
 RANDOM_BACKBONE_WARNING = "RANDOM BACKBONE WEIGHTS (no local checkpoint given): not a real result"
@@ -151,7 +151,7 @@ def run(params_path: str | Path = "params.yaml") -> dict:
         mlflow.log_text(preds.to_csv(index=False), "predictions/test.csv")
         if p.evaluate.register:
             metrics.update(register_family(p, m.family, result, val_srcc, random_backbone, config["options"].get("weights")))
-        write_json(METRICS / "family.json", metrics)
+        write_metrics("family", metrics, [m.family], random_weights=random_backbone)
     return metrics
 
 

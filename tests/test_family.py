@@ -58,7 +58,10 @@ def test_family_stage_trains_and_writes_eval_shaped_metrics(demo, monkeypatch, f
     monkeypatch.setenv("IAA_RUNS_DIR", str(demo / "runs"))
     write_params(demo, base_model(family, **extra))
     metrics = run()
-    on_disk = json.loads((demo / "metrics" / "family.json").read_text())
+    headline = json.loads((demo / "metrics" / "family.json").read_text())
+    assert set(headline) == {family, "random_weights"} and headline["random_weights"] is True
+    assert headline[family]["srcc"] == metrics[family]["srcc"]
+    on_disk = json.loads((demo / "metrics" / "details" / "family.json").read_text())
     assert on_disk["registered_model"] == family and set(on_disk[family]) >= EVAL_KEYS | {"plcc_sd", "srcc_sd"}
     assert on_disk[family]["n"] == metrics[family]["n"] > 0
     assert np.isfinite(on_disk[family]["emd2"]) and 0 <= on_disk[family]["emd2"] < 1

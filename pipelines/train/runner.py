@@ -44,17 +44,63 @@ def runs_dir() -> Path:
     return Path(os.environ.get("IAA_RUNS_DIR", "runs")).resolve()
 
 
-def _ensure_ray(params: TrainParams) -> None:
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster named by ``RAY_ADDRESS``, else start a local Ray with ``num_cpus``
+    (default: this machine's); its logs go where ``pipelines.logs`` sends them."""
     import ray
 
-    if params.num_workers == 0 or ray.is_initialized():
+    from pipelines.logs import quiet_ray_loggers, quiet_ray_worker_output
+
+    quiet_ray_loggers()
+    if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        need = params.num_workers * params.cpus_per_worker
-        ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1), include_dashboard=False)
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False)
+    quiet_ray_worker_output()
+
+
+def check_gpu(params: TrainParams, key: str, source: str = "params.yaml") -> None:
+    """Fail in seconds, not hang, when ``<key>.use_gpu`` asks for GPUs that are not there.
+
+    Local mode needs CUDA in this process; worker actors need ``num_workers`` GPUs in the Ray
+    cluster. A cluster named by ``RAY_ADDRESS`` may be autoscaling GPU nodes, so there the check
+    waits up to ``IAA_GPU_WAIT_S`` seconds (default 600) for them to join.
+    """
+    if not params.use_gpu:
+        return
+    how = f" (e.g. `dvc exp run -S {key}.use_gpu=false`)" if source == "params.yaml" else f" in {source}"
+    fix = (f"Set {key}.use_gpu: false{how}, or run where GPUs are: a CUDA machine, "
+           "or a Ray cluster with GPU nodes named by RAY_ADDRESS.")
+    if params.num_workers == 0:
+        if not torch.cuda.is_available():
+            raise DataError(f"{source}: {key}.use_gpu is true with {key}.num_workers: 0 (local mode), "
+                            f"but this machine has no CUDA GPU. {fix}")
+        return
+    import time
+
+    import ray
+
+    need = params.num_workers
+    deadline = time.monotonic() + (float(os.environ.get("IAA_GPU_WAIT_S", "600")) if os.environ.get("RAY_ADDRESS") else 0.0)
+    while True:
+        have = ray.cluster_resources().get("GPU", 0.0)
+        if have >= need:
+            return
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(5)
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    raise DataError(f"{source}: {key}.use_gpu is true and {key}.num_workers = {need} asks for {need} GPU(s), "
+                    f"but the Ray cluster has {have:g} GPU(s) (and {cpus:g} CPUs). {fix}")
+
+
+def params_key(stage: str) -> str:
+    """The params.yaml block of a training stage's ``ray`` settings (``family-mnet`` -> ``model.ray``)."""
+    block = stage.split("-", 1)[0]
+    return f"{'model' if block == 'family' else block}.ray"
 
 
 def run_training(
@@ -78,7 +124,9 @@ def run_training(
     # not part of the fingerprint: the cadence does not change what is trained; a caller's own
     # value (Tune trials report every epoch) wins
     config = {"checkpoint_every": ray_params.checkpoint_every, **config, "resume_path": str(resume)}
-    _ensure_ray(ray_params)
+    if ray_params.num_workers > 0:
+        ensure_ray(max(ray_params.num_workers * ray_params.cpus_per_worker, os.cpu_count() or 1))
+    check_gpu(ray_params, params_key(stage))
     resources = {"CPU": ray_params.cpus_per_worker}
     if ray_params.use_gpu:
         resources["GPU"] = 1
