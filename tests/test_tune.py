@@ -174,7 +174,7 @@ def test_family_search_tunes_model_params(tmp_path, monkeypatch, ray_2cpu):
     uri = setup(MlflowParams(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_root=str(tmp_path / "art"), experiment="tune-fam"))
     space = load_space(write_space(
         tmp_path / "space.yaml", stage="family", scheduler={"type": "fifo"}, fixed={"model.epochs": 2},
-        space={"model.lr": {"grid": [1.0e-4, 3.0e-3]}},
+        space={"model.lr": {"grid": [1.0e-4, 3.0e-3]}}, max_concurrent=1,
     ))
     result = run_search(space, raw, functools.partial(family_steps, root=str(tmp_path)), tracking_uri=uri,
                         experiment="tune-fam", work_dir=tmp_path / "runs", name="fam")
@@ -185,6 +185,9 @@ def test_family_search_tunes_model_params(tmp_path, monkeypatch, ray_2cpu):
     exp = client.get_experiment_by_name("tune-fam")
     children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
     assert len(children) == 2
+    # max_concurrent: 1 on 2 CPUs (room for two): the trials ran one after the other
+    first, second = sorted(children, key=lambda r: r.info.start_time)
+    assert max(m.timestamp for m in client.get_metric_history(first.info.run_id, "val_srcc")) <= second.info.start_time
     for r in children:  # the image loop's per-epoch metrics, precision state included
         assert len(client.get_metric_history(r.info.run_id, "val_srcc")) == 2
         assert len(client.get_metric_history(r.info.run_id, "mixed_precision")) == 2

@@ -406,6 +406,8 @@ def run_search(
     import mlflow
     import ray
     from ray import tune
+
+    from pipelines.tracking.runs import provenance_tags
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -423,7 +425,7 @@ def run_search(
         raise DataError(f"MLflow experiment {experiment!r} not found at {tracking_uri}; run any stage once, or create it.")
     concurrency = max_concurrent_trials(space, ray.cluster_resources().get("CPU", 1))
     with mlflow.start_run(run_name=name, experiment_id=exp.experiment_id) as parent:
-        mlflow.set_tags({"stage": f"tune-{space.stage}", "tune_metric": space.metric, "tune_mode": space.mode})
+        mlflow.set_tags({"stage": f"tune-{space.stage}", "tune_metric": space.metric, "tune_mode": space.mode, **provenance_tags()})
         mlflow.log_params({"space": json.dumps(space.space)[:500], "num_samples": space.num_samples,
                            "max_concurrent_trials": concurrency, **{f"fixed.{k}": v for k, v in space.fixed.items()}})
         setup = {
