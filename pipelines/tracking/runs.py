@@ -80,8 +80,8 @@ def _check_location(params: MlflowParams, uri: str, experiment: Any) -> None:
     db = _sqlite_db(uri)
     repo = Path.cwd().resolve()
     relative = not Path(params.artifact_root).is_absolute()
-    if db is None or not relative or not db.resolve().is_relative_to(repo):
-        return  # a shared store (server, or a database outside this repo) keeps its own locations
+    if db is None or not relative or not db.resolve().is_relative_to(repo) or not want.is_relative_to(repo):
+        return  # a shared store (server, or a database or artifact folder outside this repo) keeps its locations
     tail = "/" + want.relative_to(repo).as_posix()
     for prefix in ("file://", ""):
         if have.startswith(prefix + "/") and have.endswith(tail):

@@ -124,6 +124,9 @@ def run_training(
     # not part of the fingerprint: the cadence does not change what is trained; a caller's own
     # value (Tune trials report every epoch) wins
     config = {"checkpoint_every": ray_params.checkpoint_every, **config, "resume_path": str(resume)}
+    from pipelines.logs import quiet_ray_loggers
+
+    quiet_ray_loggers()  # local mode too: Ray Train logs from this process
     if ray_params.num_workers > 0:
         ensure_ray(max(ray_params.num_workers * ray_params.cpus_per_worker, os.cpu_count() or 1))
     check_gpu(ray_params, params_key(stage))
