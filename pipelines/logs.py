@@ -71,9 +71,12 @@ def setup_logging(name: str) -> Path:
 
 
 def _quiet_imported() -> None:
-    """Libraries that install their own stderr handlers on import: send them through ours."""
-    if "ray" in sys.modules:
-        quiet_ray_loggers()
+    """Libraries already imported that installed their own stderr handlers (MLflow, Ray, ...,
+    e.g. imported by the stage module before ``main`` ran): send their records through ours."""
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger) and logger.handlers and name.split(".")[0] not in OURS:
+            logger.handlers.clear()
+            logger.propagate = True
 
 
 def quiet_ray_loggers() -> None:
