@@ -75,6 +75,8 @@ def run_training(
     fp = fingerprint(config, inputs)
     run_name = f"{stage}-{fp}"
     resume = runs_dir() / run_name / "checkpoint" / STATE_FILE
+    if (finished := finished_run(resume, config)) is not None:
+        return finished
     # not part of the fingerprint: the cadence does not change what is trained; a caller's own
     # value (Tune trials report every epoch) wins
     config = {"checkpoint_every": ray_params.checkpoint_every, **config, "resume_path": str(resume)}
@@ -167,3 +169,71 @@ def sync_gradients(model: torch.nn.Module, world: int) -> None:
         if p.grad is not None:
             dist.all_reduce(p.grad)
             p.grad /= world
+
+
+def finished_run(resume: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The final state of a run killed after its last epoch was saved but before the stage
+    wrote its outputs, or None. Its last epoch's metrics (``state["metrics"]``) are logged
+    again into the caller's MLflow run (``config["run_id"]``), which has seen no epoch."""
+    if not resume.exists():
+        return None
+    state = torch.load(resume, map_location="cpu", weights_only=True)
+    if state["epoch"] + 1 < config["epochs"] or "metrics" not in state:
+        return None
+    from pipelines.tracking.runs import EpochLogger
+
+    EpochLogger(config.get("tracking_uri"), config.get("run_id"))(state["metrics"], state["epoch"])
+    shutil.rmtree(resume.parent.parent, ignore_errors=True)
+    return state
+
+
+# ---- bit-exact resume: the random state travels with the checkpoint ----------------------
+
+
+def rng_state(*generators: torch.Generator) -> dict[str, Any]:
+    """Every random state a loop draws from: torch's (CPU, CUDA), numpy's and Python's global
+    generators, and the loop's own ``generators``. Stored in the resume state (tensors, ints
+    and tuples only, so it loads with ``weights_only=True``), it makes a resumed run draw the
+    same dropout masks, permutations and mixes as an uninterrupted one."""
+    import random
+
+    import numpy as np
+
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "python": random.getstate(),
+        "generators": [g.get_state() for g in generators],
+    }
+
+
+def restore_rng(state: dict[str, Any] | None, *generators: torch.Generator) -> None:
+    """Put back what :func:`rng_state` captured (no-op for a state saved without it)."""
+    if not state:
+        return
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state({
+        "bit_generator": "MT19937",
+        "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+        "has_gauss": n["has_gauss"],
+        "gauss": n["gauss"],
+    })
+    random.setstate(state["python"])
+    if len(state["generators"]) != len(generators):
+        raise ValueError(f"resume state has {len(state['generators'])} generator(s), the loop {len(generators)}")
+    for g, s in zip(generators, state["generators"], strict=True):
+        g.set_state(s)
