@@ -84,6 +84,75 @@ def test_killed_worker_resumes_from_last_checkpoint(tmp_path, ray_2cpu):
     assert 1 <= state["started_at_epoch"] <= killed_epoch + 1
 
 
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    """What a resumed loop draws after restoring the checkpointed random state equals what the
+    uninterrupted loop drew: torch, numpy, Python and the loop's own generator."""
+    import random as pyrandom
+
+    import numpy as np
+
+    from pipelines.train.runner import restore_rng, rng_state
+
+    def draws(gen):
+        return (torch.rand(3).tolist(), torch.randperm(9, generator=gen).tolist(), np.random.rand(2).tolist(),
+                pyrandom.random(), torch.nn.functional.dropout(torch.ones(8), 0.5).tolist())
+
+    gen = torch.Generator().manual_seed(3)
+    torch.manual_seed(1), np.random.seed(2), pyrandom.seed(4)
+    draws(gen)
+    torch.save({"rng": rng_state(gen)}, tmp_path / "state.pt")
+    expected = draws(gen)
+    torch.manual_seed(9), np.random.seed(9), pyrandom.seed(9)  # a fresh process seeds anew
+    gen = torch.Generator().manual_seed(3)
+    restore_rng(torch.load(tmp_path / "state.pt", weights_only=True)["rng"], gen)
+    assert draws(gen) == expected
+
+
+def test_fingerprint_ignores_the_mlflow_run_but_not_the_config(tmp_path):
+    from pipelines.train.runner import fingerprint
+
+    (tmp_path / "x").write_bytes(b"data")
+    base = fingerprint({"lr": 1e-3, "run_id": "a", "tracking_uri": "sqlite:///a.db"}, [str(tmp_path / "x")])
+    assert base == fingerprint({"lr": 1e-3, "run_id": "b", "tracking_uri": "sqlite:///b.db"}, [str(tmp_path / "x")])
+    assert base != fingerprint({"lr": 2e-3, "run_id": "a"}, [str(tmp_path / "x")])
+
+
+def test_run_killed_after_its_last_epoch_finishes_from_its_state(tmp_path, monkeypatch):
+    """Killed after the last epoch's checkpoint but before the stage wrote its outputs: the rerun
+    trains nothing, returns that state, logs its last metrics into the new MLflow run, closes the
+    killed attempt's MLflow run and removes the resume folder."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.train.runner import RUN_ID_FILE, STATE_FILE, close_killed_run, fingerprint
+
+    monkeypatch.setenv("IAA_RUNS_DIR", str(tmp_path / "runs"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("t", artifact_location=(tmp_path / "art").as_uri())
+    killed, new = (client.create_run(exp).info.run_id for _ in range(2))
+    (tmp_path / "in").write_bytes(b"inputs")
+    config = {"epochs": 3, "lr": 0.1}
+    run_dir = tmp_path / "runs" / f"s-{fingerprint(config, [str(tmp_path / 'in')])}"
+    close_killed_run(run_dir, {**config, "run_id": killed, "tracking_uri": uri})  # the killed attempt's start
+    assert (run_dir / RUN_ID_FILE).read_text() == killed
+    (run_dir / "checkpoint").mkdir(parents=True)
+    final = {"model": {"w": torch.ones(2)}, "epoch": 2, "metrics": {"epoch": 2, "loss": 0.25}}
+    torch.save(final, run_dir / "checkpoint" / STATE_FILE)
+
+    def must_not_train(config):
+        raise AssertionError("trained again")
+
+    state = run_training(must_not_train, {**config, "run_id": new, "tracking_uri": uri}, TrainParams(num_workers=0),
+                         stage="s", inputs=[str(tmp_path / "in")])
+    assert state["epoch"] == 2 and torch.equal(state["model"]["w"], torch.ones(2))
+    assert client.get_run(new).data.metrics == {"epoch": 2.0, "loss": 0.25}
+    assert client.get_run(killed).info.status == "KILLED" and client.get_run(killed).data.tags["resumed_by"] == new
+    assert not run_dir.exists()
+    mlflow.set_tracking_uri("")
+
+
 # ---- the whole stage killed from outside (SIGKILL to its process group), then rerun ----------
 #
 # Each long stage of the shared tiny DAG (tests/dag_repo.py, whose `dvc repro` gives the
@@ -250,7 +319,7 @@ def _nothing_half_written(repo: Path, outputs: tuple[str, ...]) -> None:
 def _leftovers(repo: Path) -> list[str]:
     skip = (".git", ".dvc")
     tmp = [str(p.relative_to(repo)) for p in repo.rglob("*.tmp") if not p.relative_to(repo).parts[0] in skip]
-    resume = [str(p.relative_to(repo)) for p in repo.glob("runs/*/checkpoint")]
+    resume = [str(p.relative_to(repo)) for p in (*repo.glob("runs/*/checkpoint"), *repo.glob("runs/ray/*"))]
     return tmp + resume
 
 
@@ -272,5 +341,12 @@ def test_stage_killed_at_random_point_resumes_to_the_same_result(stage, dag_repo
         assert proc.returncode == 0, f"rerun of {stage} failed (kill seed {seed}):\n{proc.stderr[-4000:]}"
         spec.compare(reference, repo)
         assert not _leftovers(repo), f"left behind after the rerun: {_leftovers(repo)}"
+        if stage != "embed":  # the killed attempt's MLflow run is closed, not left RUNNING
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(f"sqlite:///{repo / 'mlruns/mlflow.db'}")
+            ids = [e.experiment_id for e in client.search_experiments()]
+            assert not client.search_runs(ids, "attributes.status = 'RUNNING'")
+            assert client.search_runs(ids, "attributes.status = 'KILLED'")
     finally:
         _copy(spec.outputs, reference, repo)  # the next stage's inputs stay the reference
