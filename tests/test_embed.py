@@ -425,3 +425,28 @@ def test_random_init_is_reproducible_from_seed_after_failed_hub_load(monkeypatch
     assert fallback.random_weights and direct.random_weights
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_dvc_repro_after_adding_an_image_embeds_only_that_image(dag_repo, tmp_path: Path) -> None:
+    """In a copy of the tiny DAG: one more labelled photo, `dvc repro` of prepare and embed, and the
+    embed stage (its cache a `persist` output, kept by DVC) embeds that photo alone."""
+    import shutil
+
+    repo = tmp_path / "repo"
+    shutil.copytree(dag_repo.repo, repo, symlinks=True)
+    before = by_id(repo / "data/embeddings/images")
+    with Image.open(repo / "data/demo/images/img00000.jpg") as im:
+        im.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(repo / "data/demo/images/img_added.jpg")
+    with open(repo / "data/demo/labels.csv", "a", encoding="utf-8") as fh:
+        fh.write("img_added,train,0,1,2,6,9,6,3,1,0,0\n")
+    for stage in ("prepare", "embed"):
+        proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "-s", stage], cwd=repo, env=dag_repo.env,
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert f"Running stage '{stage}'" in proc.stdout
+    report = json.loads((repo / "data/embeddings/report.json").read_text())
+    assert (report["n_embedded_now"], report["n_resumed"], report["cache_wiped"]) == (1, len(before), False)
+    after = by_id(repo / "data/embeddings/images")
+    assert sorted(after) == sorted([*before, "img_added"])
+    assert all(np.array_equal(after[i], before[i]) for i in before)

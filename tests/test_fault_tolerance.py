@@ -3,6 +3,7 @@ its last checkpoint, through the same ``run_training`` the stages use."""
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
