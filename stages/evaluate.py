@@ -7,11 +7,12 @@ import pandas as pd
 import torch
 
 from pipelines.config import as_dict
-from pipelines.io import DataError, atomic_path, write_json
+from pipelines.io import DataError, atomic_path, load_torch, write_json
 from pipelines.metrics import dist_to_score, evaluate, lmh_mae, srcc
 from pipelines.tracking.runs import stage_run, weights_tags
 from pipelines.tracking import registry
 from pipelines.tracking.scoring import log_scoring_model, make_bundle, requirements
+from pipelines.embed.cache import read_meta
 from pipelines.embed.encode import read_text_embeddings
 from pipelines.train.data import load_features
 from pipelines.train.loops import load_head, predict_logits
@@ -119,10 +120,12 @@ def main() -> None:
     plot_tsne(PLOTS / "tsne.png", {"Sem": sub.tm[:, :m], "Attr": sub.tm[:, m:], "Level": level}, sub.score, p.seed, warning)
 
     tags, kinds, tag_emb = read_text_embeddings(TAG_EMB)
-    head_state = torch.load(MODEL_FILES[best], map_location="cpu", weights_only=False)
+    head_state = load_torch(MODEL_FILES[best])
     scale = card["logit_scale"] if p.features.logit_scale else 1.0
     bundle = MODELS / "bundle.pt"
-    make_bundle(bundle, head_state=head_state, card=card, tags=tags, kinds=kinds, tag_emb=tag_emb, logit_scale=scale)
+    precision = (read_meta(IMAGE_EMB) or {}).get("precision_used") or "fp32"  # the path the embeddings were made with
+    make_bundle(bundle, head_state=head_state, card=card, tags=tags, kinds=kinds, tag_emb=tag_emb, logit_scale=scale,
+                precision=precision, batch_size=p.embed.batch_size)
     model_card = {
         "model": best, "data": p.data.name, "clip": card, "test_metrics": results[best], "val_srcc": val_srcc[best],
         "params": {"head": as_dict(p.head), "selftrain": as_dict(p.selftrain)},

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from pipelines.config import TrainParams
-from pipelines.io import DataError, atomic_path, write_text
+from pipelines.io import DataError, atomic_path, load_torch, write_text
 
 STATE_FILE = "state.pt"
 CHECKPOINT_EVERY = 5
@@ -158,7 +158,7 @@ def run_training(
     if result.checkpoint is None:
         raise RuntimeError(f"{stage}: Ray Train finished without a checkpoint ({result.error})")
     with result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+        state = load_torch(Path(d) / STATE_FILE)
     remove_run(run_name)
     return state
 
@@ -183,10 +183,10 @@ def load_resume_state(config: dict) -> dict | None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            states.append(torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False))
+            states.append(load_torch(Path(d) / STATE_FILE))
     path = Path(config["resume_path"])
     if path.exists():
-        states.append(torch.load(path, map_location="cpu", weights_only=False))
+        states.append(load_torch(path))
     return max(states, key=lambda s: s["epoch"], default=None)
 
 
@@ -258,7 +258,7 @@ def finished_run(resume: Path, config: dict[str, Any]) -> dict[str, Any] | None:
     again into the caller's MLflow run (``config["run_id"]``), which has seen no epoch."""
     if not resume.exists():
         return None
-    state = torch.load(resume, map_location="cpu", weights_only=True)
+    state = load_torch(resume)
     if "metrics" not in state or state["epoch"] + 1 < config.get("epochs", float("inf")):
         return None
     from pipelines.tracking.runs import EpochLogger
