@@ -166,3 +166,72 @@ def test_stage_and_tune_step_write_the_same_labels(tmp_path, monkeypatch):
         **SEARCH, "min_selected": 0.5,
     })
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "trial.parquet"), stage)
+
+
+# ----------------------------------------------------------------------------- ELTA eq. 10
+def _pool(n=40, levels=LEVELS, selected_every=5, seed=0):
+    import torch
+
+    g = np.random.default_rng(seed)
+    x = torch.from_numpy(g.normal(size=(n, 6)).astype(np.float32))
+    dist = torch.softmax(torch.from_numpy(g.normal(size=(n, levels)).astype(np.float32)), 1)
+    selected = torch.zeros(n, dtype=torch.bool)
+    selected[::selected_every] = True
+    return {"inputs": (x,), "dist": dist, "selected": selected}
+
+
+def test_unlabeled_loss_is_eq10_mean_over_the_whole_batch():
+    """L_u = (1/B_u) sum_i 1[selected_i] H(y^_i, f(x_i)) over a batch drawn from the WHOLE pool:
+    unselected rows count as zeros, so L_u is coverage x the selected rows' mean, not that mean."""
+    import torch
+
+    from pipelines.heads.losses import emd_loss
+    from pipelines.selftrain.unlabeled import unlabeled_loss
+
+    torch.manual_seed(0)
+    pool = _pool()
+    model = torch.nn.Linear(6, LEVELS)
+    loss = lambda p, q: emd_loss(p, q, r=2)  # noqa: E731
+    got = unlabeled_loss(pool, model, loss, 16, torch.Generator().manual_seed(3))
+    rows = torch.randint(40, (16,), generator=torch.Generator().manual_seed(3))  # the same draw
+    with torch.no_grad():
+        pred = torch.softmax(model(pool["inputs"][0][rows]), 1)
+    per = [emd_loss(pred[k : k + 1], pool["dist"][rows][k : k + 1]).item() for k in range(16)]
+    sel = pool["selected"][rows].numpy()
+    assert 0 < sel.sum() < 16
+    ref = sum(v for v, s in zip(per, sel) if s) / 16
+    assert got.item() == pytest.approx(ref, rel=1e-5)
+    mean_selected = sum(v for v, s in zip(per, sel) if s) / sel.sum()
+    assert got.item() == pytest.approx(mean_selected * sel.sum() / 16, rel=1e-5)
+    assert got.item() < 0.5 * mean_selected  # the old rule (selected rows only) was 1/coverage larger
+    got.backward()
+    assert model.weight.grad is not None and model.weight.grad.abs().sum() > 0
+
+
+def test_unlabeled_loss_with_nothing_selected_in_the_batch_is_zero():
+    import torch
+
+    from pipelines.heads.losses import emd_loss
+    from pipelines.selftrain.unlabeled import unlabeled_loss
+
+    pool = _pool()
+    pool["selected"][:] = False
+    assert unlabeled_loss(pool, torch.nn.Linear(6, LEVELS), emd_loss, 8, torch.Generator().manual_seed(0)).item() == 0.0
+
+
+def test_load_pseudo_pool_keeps_every_row_and_the_mask(tmp_path):
+    from pipelines.io import write_parquet
+    from pipelines.selftrain.unlabeled import load_pseudo_pool
+
+    ids = np.array(["a", "b", "c", "d"], dtype=object)
+    tm, emb = np.arange(8, dtype=np.float32).reshape(4, 2), np.arange(12, dtype=np.float32).reshape(4, 3)
+    table = pd.DataFrame({"image_id": ["d", "b", "c"], "pseudo_dist": [np.full(LEVELS, 0.1, np.float32)] * 3,
+                          "selected": [True, False, True]})
+    write_parquet(tmp_path / "p.parquet", table)
+    pool = load_pseudo_pool(tmp_path / "p.parquet", ids, tm, emb)
+    assert pool["selected"].tolist() == [True, False, True]
+    assert pool["inputs"][0].numpy().tolist() == tm[[3, 1, 2]].tolist()
+    assert pool["inputs"][1].numpy().tolist() == emb[[3, 1, 2]].tolist()
+    table["selected"] = False
+    write_parquet(tmp_path / "none.parquet", table)
+    assert load_pseudo_pool(tmp_path / "none.parquet", ids, tm, emb) is None
