@@ -73,15 +73,20 @@ COLUMNS = [
 ]
 
 
-def build_tags(vocab: list[str], out: Path, max_sem: int, max_attr: int, comments: Path) -> tuple[list[str], list[str], dict]:
-    """The tags stage on the real corpora (no caps), then restricted to the vocab, then capped."""
+def build_tags(vocab: list[str], out: Path, max_sem: int, max_attr: int, comments: Path,
+               image_splits: dict[str, str]) -> tuple[list[str], list[str], dict]:
+    """The tags stage on the real corpora (no caps; like the stage, no comment of a val or test
+    image is read), then restricted to the vocab, then capped."""
     paths = [comments / c for c in CORPORA if (comments / c).exists()]
     report = build_tag_library(
         paths, out, cfg={"min_count": 5, "max_ngram": 2, "max_semantic": 100000, "max_attribute": 100000},
         filter_path=ROOT / "config" / "tag_filter.txt", replay_path=ROOT / "config" / "llm_replay.jsonl",
+        image_splits=image_splits,
     )
     vset = set(vocab)
-    kept, info = {}, {"corpora": [str(p) for p in paths], "comments": report["corpus"]["comments"]}
+    kept: dict[str, list[str]] = {}
+    info = {"corpora": [str(p) for p in paths], "comments": report["corpus"]["comments"],
+            "skipped_val_test_comments": report["corpus"]["skipped_other_splits"]}
     for kind, cap in (("semantic", max_sem), ("attribute", max_attr)):
         tags = [t for t in (out / f"{kind}.txt").read_text().splitlines() if t]
         inside = [t for t in tags if t in vset]
@@ -182,7 +187,8 @@ def main() -> None:
             os.environ["IAA_RUNS_DIR"] = str(tmp / "runs")
             # ---- tags -> TM -> clusters -> features table -> index ------------------------------
             t_prep = time.perf_counter()
-            sem, attr, tag_info = build_tags(d.phrases, tmp / "tags", args.max_semantic, args.max_attribute, args.comments)
+            sem, attr, tag_info = build_tags(d.phrases, tmp / "tags", args.max_semantic, args.max_attribute, args.comments,
+                                                 dict(zip(d.image_id, split)))
             pos = {ph: i for i, ph in enumerate(d.phrases)}
             tags = sem + attr
             kinds = ["semantic"] * len(sem) + ["attribute"] * len(attr)
