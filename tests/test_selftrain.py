@@ -235,3 +235,44 @@ def test_load_pseudo_pool_keeps_every_row_and_the_mask(tmp_path):
     table["selected"] = False
     write_parquet(tmp_path / "none.parquet", table)
     assert load_pseudo_pool(tmp_path / "none.parquet", ids, tm, emb) is None
+
+
+def test_selftrain_loop_averages_l_u_over_the_whole_pool(tmp_path, monkeypatch):
+    """The self-training loop (one epoch, same seed): with a quarter of the pool selected, the
+    logged L_u is about a quarter of the L_u with every row selected (same pseudo labels)."""
+    import torch
+
+    from pipelines.config import TrainParams
+    from pipelines.io import write_parquet
+    from pipelines.train.loops import supervised_loop
+    from pipelines.train.runner import run_training
+    from tests.synthetic import make_features
+
+    monkeypatch.setenv("IAA_RUNS_DIR", str(tmp_path / "runs"))
+    make_features(tmp_path / "features.parquet")
+    feats = load_features(tmp_path / "features.parquet", tmp_path / "embeddings")
+    unl = feats.split_of("unlabeled")
+    head = {"protocol": "linear_probe", "lr_decay": 1.0, "weight_decay": 0.0, "batch_size": 16, "tm_dim": 8,
+            "cr_dim": 8, "hidden": 16, "dropout": 0.0, "emd_r": 2, "use_tm": True, "use_cr": False, "tfa": False,
+            "tfa_tau1": 0.2, "tfa_tau2": 4.0, "tfa_n_mix": 4, "flsa": False, "flsa_weight": 0.1, "keep_best": False,
+            "loss": "emd", "cr_features": "output"}
+    base = {"features_path": str(tmp_path / "features.parquet"), "embeddings_path": str(tmp_path / "embeddings"),
+            "cr_path": None, "head": head, "epochs": 1, "lr": 0.0, "seed": 0, "unlabeled_weight": 1.0}
+    onehot = np.zeros((len(unl), LEVELS), np.float32)
+    onehot[:, 0] = 1.0  # far from any prediction: every selected row has a large loss
+    import pipelines.train.loops as loops
+
+    real, seen = loops.unlabeled_loss, []
+    monkeypatch.setattr(loops, "unlabeled_loss", lambda *a, **k: seen.append(real(*a, **k).item()) or torch.tensor(seen[-1]))
+    logged = {}
+    for name, selected in (("all", np.ones(len(unl), bool)), ("quarter", np.arange(len(unl)) % 4 == 0)):
+        write_parquet(tmp_path / f"{name}.parquet", pd.DataFrame(
+            {"image_id": unl.image_id, "pseudo_dist": list(onehot), "selected": selected}))
+        seen.clear()
+        run_training(supervised_loop, {**base, "pseudo_path": str(tmp_path / f"{name}.parquet")},
+                     TrainParams(num_workers=0), stage=f"st-{name}",
+                     inputs=[str(tmp_path / "features.parquet"), str(tmp_path / f"{name}.parquet")])
+        assert seen, "the loop did not compute L_u"
+        logged[name] = float(np.mean(seen))
+    ratio = logged["quarter"] / logged["all"]
+    assert 0.1 < ratio < 0.45, logged  # about the coverage, 0.25; the selected-only rule gave ~1

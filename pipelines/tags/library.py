@@ -207,9 +207,9 @@ def build_tag_library(
     rules = read_filter(filter_path) if filter_path is not None else []
     paths = [corpus_path] if isinstance(corpus_path, (str, os.PathLike)) else list(corpus_path)
     keep = set(conf.splits)
+    splits = image_splits or {}
     records = [rec for path in paths for rec in read_corpus(path, corpus_format)]
-    texts = [text for image_id, text in records if image_splits is None or image_splits.get(image_id, "") in keep
-             or image_id not in image_splits]
+    texts = [text for image_id, text in records if image_id not in splits or splits[image_id] in keep]
     held_out = len(records) - len(texts)
     corpus_names = ", ".join(str(p) for p in paths)
     if not texts:
