@@ -363,3 +363,21 @@ def test_evaluate_with_explicit_edges_and_a_balanced_file(rng, tmp_path):
     bad.write_text("image_id,Aesthetic\n1,5.0\n")
     with pytest.raises(ValueError, match="missing column"):
         M.read_balanced_set(bad)
+
+
+def test_evaluate_stage_long_tail_options():
+    from pipelines.config import EvaluateParams
+    from pipelines.io import DataError
+    from stages.evaluate import longtail_options
+
+    assert longtail_options(EvaluateParams(), ["a"]) == {}
+    assert longtail_options(EvaluateParams(lt_edges=list(AUTHORS_CUTS)), ["a"]) == {"lt_edges": list(AUTHORS_CUTS)}
+    with pytest.raises(DataError, match="evaluate.lt_edges"):
+        longtail_options(EvaluateParams(lt_edges=[1.0, 2.0]), ["a"])
+    sample = str(Path(__file__).parent / "assets" / "lt_balanced_sample.csv")
+    got = longtail_options(EvaluateParams(lt_balanced_set=sample), ["t3", "t0", "zz"])
+    assert {r: v.tolist() for r, v in got["lt_indices"].items()} == {"Many": [], "Med": [0], "Few": [1]}
+    with pytest.raises(DataError, match="evaluate.lt_balanced_set"):
+        longtail_options(EvaluateParams(lt_balanced_set=sample), ["zz"])
+    with pytest.raises(DataError, match="evaluate.lt_balanced_set"):
+        longtail_options(EvaluateParams(lt_balanced_set="no/such.csv"), ["zz"])
