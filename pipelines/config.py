@@ -120,9 +120,9 @@ class HeadParams:
     use_tm: bool = True
     use_cr: bool = True
     tfa: bool = True
-    tfa_tau1: float = 0.5
-    tfa_tau2: float = 2.0
-    tfa_n_mix: int = 1
+    tfa_tau1: float = 0.2  # ELTA Fig. 5
+    tfa_tau2: float = 4.0  # ELTA Fig. 5
+    tfa_n_mix: int = 4  # not in the paper; chosen on the real-feature benchmark DEV val
     flsa: bool = True
     flsa_weight: float = 0.1
     # Keep the weights of the epoch with the best validation SRCC (else the last epoch's).
@@ -150,6 +150,11 @@ class SelftrainParams:
 class EvaluateParams:
     tsne_max_points: int = 300
     register: bool = True
+    # TMCR long-tail regions: explicit [c0, c1, c2, c3] (Many [c1, c2], Med [c0, c1) and (c2, c3],
+    # Few outside), or null for the default rule on the training scores (pipelines.metrics.LT_SHARES)
+    lt_edges: list[float] | None = None
+    # a balanced long-tail test set in the TMCR authors' CSV layout (image_id, ..., Shot), or null
+    lt_balanced_set: str | None = None
 
 
 @dataclass(frozen=True)

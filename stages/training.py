@@ -43,7 +43,7 @@ def train_stage(
             inputs=[str(i) for i in inputs],
         )
         state = {**state, **(extra or {}), "config": config, "card": card}
-        for key in ("optimizer", "scheduler", "best"):  # resume-only parts
+        for key in ("optimizer", "scheduler", "best", "rng", "metrics"):  # resume-only parts
             state.pop(key, None)
         with atomic_path(model_out) as tmp:
             torch.save(state, tmp)

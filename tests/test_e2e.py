@@ -151,12 +151,12 @@ def test_dvc_repro_end_to_end(baseline):
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlruns/mlflow.db'}")
     preds = pd.read_csv(repo / "plots/pred_vs_true.csv")
     ids = preds["image_id"].head(3).tolist()
-    model = mlflow.pyfunc.load_model("models:/tmcr-test@champion")  # self-contained: run from any cwd
+    model = mlflow.pyfunc.load_model("models:/tmcr-test@champion", model_config={"path_root": str(repo)})  # any cwd
     paths = [str(repo / "data/demo/images" / f"{i}.jpg") for i in ids] + [str(repo / "missing.jpg")]
     out = model.predict(pd.DataFrame({"path": paths}))
     expected = preds.set_index("image_id").loc[ids, f"pred_{metrics['registered_model']}"].to_numpy()
-    np.testing.assert_allclose(out["score"].to_numpy()[:3], expected, atol=2e-3)
-    assert out["error"].iloc[3] and np.isnan(out["score"].iloc[3])
+    np.testing.assert_allclose(out["score"].to_numpy(float)[:3], expected, atol=2e-3)
+    assert out["error"].iloc[3] and out["score"].iloc[3] is None
     assert len(out["top_semantic"].iloc[0]) == 3
 
     # nothing changed: the second repro runs no stage and is fast; the metrics compare against HEAD

@@ -46,7 +46,7 @@ import torch
 import yaml
 
 from pipelines.config import Params, TrainParams, dump_yaml, params_from_dict, read_yaml
-from pipelines.io import DataError, atomic_path, write_json, write_text
+from pipelines.io import DataError, atomic_path, load_torch, write_json, write_text
 from pipelines.train.runner import check_gpu, ensure_ray
 
 SAMPLERS = ("loguniform", "uniform", "quniform", "randint", "choice", "grid")
@@ -231,7 +231,7 @@ def _fit(step: Step, config: dict, ray_params: TrainParams, storage: Path, repor
     if result.checkpoint is None:
         raise RuntimeError(f"trial step {step.name}: no checkpoint ({result.error})")
     with result.checkpoint.as_directory() as d:
-        return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+        return load_torch(Path(d) / STATE_FILE)
 
 
 def _recorded_loop(config: dict, *, loop: Callable[[dict], None], record: str) -> None:
