@@ -95,6 +95,28 @@ def read_json(path: str | os.PathLike) -> Any:
         raise DataError(f"{path}: not valid JSON ({exc}); delete it and rerun the stage.") from exc
 
 
+def load_torch(path: str | os.PathLike) -> Any:
+    """A ``torch.save`` file read with ``weights_only=True`` (onto the CPU): tensors, dicts,
+    lists, tuples, strings, numbers and None only. A file that holds any other pickled object
+    (a numpy array, a dataclass, a class instance) is refused with a DataError naming the file,
+    since unpickling it could run code."""
+    import pickle
+    import re
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(exc))
+        what = f" ({found[1]})" if found else ""
+        raise DataError(
+            f"{path}: holds a pickled Python object{what}, not plain data (tensors, dicts, lists, strings, "
+            "numbers), so it is not loaded: unpickling it could run code. Re-create the file with this "
+            "pipeline (`dvc repro`), or use a file from a source you trust converted to plain data."
+        ) from exc
+
+
 def _json_default(obj: Any) -> Any:
     import dataclasses
 

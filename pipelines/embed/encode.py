@@ -109,6 +109,10 @@ class ImageDecoder:
         """Decode one image (RGB) and apply the per-image transforms. Raises on bad files."""
         with Image.open(path) as im:
             im = im.convert("RGB")
+        return self.transform(im)
+
+    def transform(self, im: Image.Image) -> np.ndarray | torch.Tensor:
+        """The per-image transforms of a decoded RGB image (``load`` after decoding)."""
         if self.pil_stage is None:
             return self.preprocess(im)
         for step in self.pil_stage:

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from pipelines.config import TrainParams
-from pipelines.io import DataError, atomic_path, write_text
+from pipelines.io import DataError, atomic_path, load_torch, write_text
 
 STATE_FILE = "state.pt"
 CHECKPOINT_EVERY = 5
@@ -49,17 +49,63 @@ def runs_dir() -> Path:
     return Path(os.environ.get("IAA_RUNS_DIR", "runs")).resolve()
 
 
-def _ensure_ray(params: TrainParams) -> None:
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster named by ``RAY_ADDRESS``, else start a local Ray with ``num_cpus``
+    (default: this machine's); its logs go where ``pipelines.logs`` sends them."""
     import ray
 
-    if params.num_workers == 0 or ray.is_initialized():
+    from pipelines.logs import quiet_ray_loggers, quiet_ray_worker_output
+
+    quiet_ray_loggers()
+    if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        need = params.num_workers * params.cpus_per_worker
-        ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1), include_dashboard=False)
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False)
+    quiet_ray_worker_output()
+
+
+def check_gpu(params: TrainParams, key: str, source: str = "params.yaml") -> None:
+    """Fail in seconds, not hang, when ``<key>.use_gpu`` asks for GPUs that are not there.
+
+    Local mode needs CUDA in this process; worker actors need ``num_workers`` GPUs in the Ray
+    cluster. A cluster named by ``RAY_ADDRESS`` may be autoscaling GPU nodes, so there the check
+    waits up to ``IAA_GPU_WAIT_S`` seconds (default 600) for them to join.
+    """
+    if not params.use_gpu:
+        return
+    how = f" (e.g. `dvc exp run -S {key}.use_gpu=false`)" if source == "params.yaml" else f" in {source}"
+    fix = (f"Set {key}.use_gpu: false{how}, or run where GPUs are: a CUDA machine, "
+           "or a Ray cluster with GPU nodes named by RAY_ADDRESS.")
+    if params.num_workers == 0:
+        if not torch.cuda.is_available():
+            raise DataError(f"{source}: {key}.use_gpu is true with {key}.num_workers: 0 (local mode), "
+                            f"but this machine has no CUDA GPU. {fix}")
+        return
+    import time
+
+    import ray
+
+    need = params.num_workers
+    deadline = time.monotonic() + (float(os.environ.get("IAA_GPU_WAIT_S", "600")) if os.environ.get("RAY_ADDRESS") else 0.0)
+    while True:
+        have = ray.cluster_resources().get("GPU", 0.0)
+        if have >= need:
+            return
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(5)
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    raise DataError(f"{source}: {key}.use_gpu is true and {key}.num_workers = {need} asks for {need} GPU(s), "
+                    f"but the Ray cluster has {have:g} GPU(s) (and {cpus:g} CPUs). {fix}")
+
+
+def params_key(stage: str) -> str:
+    """The params.yaml block of a training stage's ``ray`` settings (``family-mnet`` -> ``model.ray``)."""
+    block = stage.split("-", 1)[0]
+    return f"{'model' if block == 'family' else block}.ray"
 
 
 def run_training(
@@ -86,7 +132,12 @@ def run_training(
     # not part of the fingerprint: the cadence does not change what is trained; a caller's own
     # value (Tune trials report every epoch) wins
     config = {"checkpoint_every": ray_params.checkpoint_every, **config, "resume_path": str(resume)}
-    _ensure_ray(ray_params)
+    from pipelines.logs import quiet_ray_loggers
+
+    quiet_ray_loggers()  # local mode too: Ray Train logs from this process
+    if ray_params.num_workers > 0:
+        ensure_ray(max(ray_params.num_workers * ray_params.cpus_per_worker, os.cpu_count() or 1))
+    check_gpu(ray_params, params_key(stage))
     resources = {"CPU": ray_params.cpus_per_worker}
     if ray_params.use_gpu:
         resources["GPU"] = 1
@@ -107,7 +158,7 @@ def run_training(
     if result.checkpoint is None:
         raise RuntimeError(f"{stage}: Ray Train finished without a checkpoint ({result.error})")
     with result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+        state = load_torch(Path(d) / STATE_FILE)
     remove_run(run_name)
     return state
 
@@ -132,10 +183,10 @@ def load_resume_state(config: dict) -> dict | None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            states.append(torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False))
+            states.append(load_torch(Path(d) / STATE_FILE))
     path = Path(config["resume_path"])
     if path.exists():
-        states.append(torch.load(path, map_location="cpu", weights_only=False))
+        states.append(load_torch(path))
     return max(states, key=lambda s: s["epoch"], default=None)
 
 
@@ -207,7 +258,7 @@ def finished_run(resume: Path, config: dict[str, Any]) -> dict[str, Any] | None:
     again into the caller's MLflow run (``config["run_id"]``), which has seen no epoch."""
     if not resume.exists():
         return None
-    state = torch.load(resume, map_location="cpu", weights_only=True)
+    state = load_torch(resume)
     if "metrics" not in state or state["epoch"] + 1 < config.get("epochs", float("inf")):
         return None
     from pipelines.tracking.runs import EpochLogger
