@@ -205,7 +205,7 @@ class ModelParams:
     image_size: int = 224
     hflip: bool = True
     aspect: str = "square"  # square | keep (short side = image_size, aspect ratio kept)
-    optimizer: str = "auto"  # auto (the family's: mnet adam, aesaf see pipelines.models) | adam | sgd
+    optimizer: str = "auto"  # auto (the family's: adam for both, see pipelines.models) | adam | sgd
     momentum: float = 0.9  # sgd only
     crop: str = "auto"  # auto (mnet random, aesaf off) | off | random (resize to image_size * 256/224, random crop)
     corner_grid: str = "auto"  # auto (mnet with_mixed, aesaf off) | off | always | with_mixed
