@@ -4,6 +4,10 @@ Each stage reads its own block plus the shared ones (``seed``, ``data``, ``mlflo
 Blocks are dataclasses: an unknown key, a missing required key or a value of the wrong
 type is a ``DataError`` that names the file, the dotted key and the fix — a typo in
 ``params.yaml`` must never silently fall back to a default.
+
+Params are YAML 1.2, read exactly as DVC reads them (ruamel.yaml's safe loader, as in
+``dvc.utils.serialize.parse_yaml``): ``dvc exp run -S`` rewrites ``params.yaml`` in YAML 1.2,
+where ``off`` is a string and ``1e-3`` a float (YAML 1.1 readers see ``False`` and ``"1e-3"``).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from ruamel.yaml import YAML, YAMLError
 
 from pipelines.io import DataError
 
@@ -239,14 +243,30 @@ class Params:
     model: ModelParams = field(default_factory=ModelParams)
 
 
+def parse_yaml(text: str) -> Any:
+    """YAML 1.2 text as DVC parses it (``off`` stays a string, ``1e-3`` is a float)."""
+    return YAML(typ="safe", pure=True).load(text)
+
+
+def dump_yaml(data: Any) -> str:
+    """``data`` as YAML 1.2 block text (a string that would read back as another type is quoted)."""
+    import io
+
+    out = io.StringIO()
+    writer = YAML(typ="safe", pure=True)
+    writer.default_flow_style = False
+    writer.dump(data, out)
+    return out.getvalue()
+
+
 def read_yaml(path: str | Path, missing_hint: str) -> Any:
-    """A YAML file's content; a missing or invalid file is a DataError naming it."""
+    """A YAML 1.2 file's content; a missing or invalid file is a DataError naming it."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found; {missing_hint}")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
+        return parse_yaml(path.read_text(encoding="utf-8")) or {}
+    except YAMLError as exc:
         raise DataError(f"{path}: not valid YAML ({exc}).") from exc
 
 

@@ -24,7 +24,7 @@ from pipelines.ranking.loss import traversal_contrastive_loss
 from pipelines.selftrain.unlabeled import load_pseudo_pool, unlabeled_loss
 from pipelines.tracking.runs import EpochLogger
 from pipelines.train.data import load_features
-from pipelines.train.runner import load_resume_state, report_epoch, sync_gradients, worker_info
+from pipelines.train.runner import load_resume_state, report_epoch, restore_rng, rng_state, sync_gradients, worker_info
 
 
 def _seed(seed: int) -> torch.Generator:
@@ -36,7 +36,7 @@ def _seed(seed: int) -> torch.Generator:
 def pretrain_loop(config: dict) -> None:
     """Traversal contrastive learning on balanced-level batches (TMCR sec. 3.3)."""
     rank, world, device = worker_info()
-    _seed(config["seed"])
+    gen = _seed(config["seed"])
     train = load_features(config["features_path"], config["embeddings_path"]).split_of("train")
     index = pd.read_parquet(config["index_path"])
     # N_s per cluster comes from the index stage (`index.n_per_bin`)
@@ -50,6 +50,7 @@ def pretrain_loop(config: dict) -> None:
         enc.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start = state["epoch"] + 1
+        restore_rng(state.get("rng"), gen)
     log = EpochLogger(config.get("tracking_uri"), config.get("run_id")) if rank == 0 else None
     for epoch in tqdm(range(start, config["epochs"]), desc="pretrain", disable=rank != 0, initial=start, total=config["epochs"]):
         batches = sampler.epoch(epoch)
@@ -71,7 +72,7 @@ def pretrain_loop(config: dict) -> None:
             log(metrics, epoch)
             state = {
                 "model": enc.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "spec": enc.spec(),
-                "started_at_epoch": start,
+                "started_at_epoch": start, "rng": rng_state(gen), "metrics": metrics,
             }
         report_epoch(metrics, state, config, rank)
 
@@ -174,6 +175,7 @@ def supervised_loop(config: dict) -> None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start, best = state["epoch"] + 1, state.get("best")
+        restore_rng(state.get("rng"), gen)
 
     tensors = {k: torch.from_numpy(getattr(train, k)) for k in ("tm", "emb", "dist", "score")}
     pseudo = load_pseudo_pool(config["pseudo_path"], feats.image_id, feats.tm, feats.emb) if config.get("pseudo_path") else None
@@ -225,6 +227,7 @@ def supervised_loop(config: dict) -> None:
             state = {
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "epoch": epoch, "arch": arch, "started_at_epoch": start, "best": best,
+                "rng": rng_state(gen), "metrics": metrics,
             }
             if epoch + 1 == config["epochs"]:
                 state.update(_selected(state))
