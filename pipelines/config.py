@@ -107,7 +107,7 @@ class HeadParams:
     protocol: str = "linear_probe"  # linear_probe | fine_tune (of the CR encoder)
     cr_features: str = "hidden"  # hidden (the layer below z) | output (z, the contrastive embedding)
     epochs: int = 30
-    lr: float = 1e-3
+    lr: float = 1e-4  # TMCR sec. 4.1
     lr_decay: float = 0.9
     weight_decay: float = 1e-4
     batch_size: int = 64
