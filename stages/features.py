@@ -5,7 +5,7 @@ import numpy as np
 from pipelines.data.manifest import read_manifest, vote_distribution
 from pipelines.embed.encode import read_image_embeddings, read_text_embeddings
 from pipelines.io import DataError, write_json
-from pipelines.semantics import cluster_means, semantic_clusters, tm_features
+from pipelines.semantics import cluster_means, kmeans_space, semantic_clusters, tm_features
 from pipelines.train.data import write_features_table
 from stages.common import FEATURES, IMAGE_EMB, MANIFEST, TAG_EMB, cli, params, weights_card
 
@@ -25,12 +25,15 @@ def main() -> None:
     tags, kinds, tag_emb = read_text_embeddings(TAG_EMB)
     scale = card["logit_scale"] if f.logit_scale else 1.0
     tm, n_sem = tm_features(emb, tag_emb, kinds, scale=scale)  # [semantic | attribute] columns
+    # K-means sees the semantic TM geometry exactly, in at most D dims (not M)
+    space = kmeans_space(emb, tag_emb[np.asarray(kinds) == "semantic"], scale=scale)
     emb_dim = emb.shape[1]
     del emb  # the embeddings themselves stay in IMAGE_EMB (joined on load)
-    sim_sem = tm[:, :n_sem]
     split = rows["split"].to_numpy()
-    clusters = semantic_clusters(sim_sem, f.n_clusters, p.seed, fit_mask=split == "train", method=f.kmeans,
+    clusters = semantic_clusters(space, f.n_clusters, p.seed, fit_mask=split == "train", method=f.kmeans,
                                  fit_rows=f.kmeans_fit_rows, n_init=f.kmeans_n_init)
+    del space
+    sim_sem = tm[:, :n_sem]
     means = cluster_means(sim_sem, clusters, f.n_clusters)
     write_features_table(
         FEATURES,

@@ -12,6 +12,7 @@ from pipelines.semantics import (
     cluster_means,
     fit_kmeans,
     inertia,
+    kmeans_space,
     semantic_clusters,
     tag_matching,
     tm_features,
@@ -101,3 +102,17 @@ def test_semantic_clusters_fit_on_train_rows_only():
     assert len(set(labels[:100])) == 1 and len(set(labels[100:200])) == 1 and labels[0] != labels[100]
     with pytest.raises(DataError, match="n_clusters = 5 but only 3 training"):
         semantic_clusters(x, 5, 0, fit_mask=np.r_[np.ones(3, bool), np.zeros(len(x) - 3, bool)])
+
+
+@pytest.mark.parametrize("n_tags", [40, 5])  # wider than the embedding (SVD basis) and narrower (the sims)
+def test_kmeans_space_keeps_the_semantic_geometry(n_tags):
+    rng = np.random.default_rng(5)
+    emb, tags = unit(rng, 200, 12), unit(rng, n_tags, 12)
+    sims = 100.0 * emb @ tags.T
+    y = kmeans_space(emb, tags, scale=100.0, chunk_rows=64)
+    assert y.shape == (200, min(12, n_tags))
+    d_sim = ((sims[:, None] - sims[None]) ** 2).sum(-1)
+    d_y = ((y[:, None].astype(np.float64) - y[None]) ** 2).sum(-1)
+    np.testing.assert_allclose(d_y, d_sim, rtol=1e-4, atol=1e-2)
+    centres = sims[:3]  # the same centres in both spaces (the map is linear)
+    np.testing.assert_array_equal(assign_clusters(y, y[:3]), assign_clusters(sims, centres))

@@ -55,14 +55,37 @@ def tm_features(
     ``chunk_rows`` block (no N x (M + A) copy for a concatenation).
     """
     sem, attr = _split_kinds(kinds)
-    tags = np.ascontiguousarray(tag_emb[np.concatenate([sem, attr])], dtype=np.float32).T
-    out = np.empty((len(image_emb), tags.shape[1]), dtype=np.float32)
+    return _sims(image_emb, tag_emb[np.concatenate([sem, attr])], scale, chunk_rows), int(sem.size)
+
+
+def kmeans_space(image_emb: np.ndarray, sem_tag_emb: np.ndarray, scale: float = 1.0,
+                 chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
+    """Rows whose Euclidean geometry is exactly that of the semantic TM features, in <= D dims.
+
+    ``sim_sem = scale * E @ T.T`` (N x M) is a linear map of the D-d embeddings. With
+    ``T = U S Vt`` (thin SVD), ``||(e1 - e2) T.T|| = ||(e1 - e2) Vt.T S||``, so K-means on
+    ``Y = scale * E @ Vt.T @ diag(S)`` (N x rank(T)) sees the same distances, inertia and
+    assignments as on ``sim_sem``, at D / M of the cost when the library is wider than the
+    embedding (2,145 tags vs 768 dims for ViT-L/14). When it is not, ``sim_sem`` itself is returned.
+    """
+    t = np.asarray(sem_tag_emb, dtype=np.float64)
+    if t.shape[0] <= t.shape[1]:
+        return _sims(image_emb, t, scale, chunk_rows)
+    _, sv, vt = np.linalg.svd(t, full_matrices=False)
+    rank = int((sv > sv[0] * 1e-6).sum())
+    return _sims(image_emb, (vt[:rank].T * sv[:rank]).T, scale, chunk_rows)
+
+
+def _sims(image_emb: np.ndarray, rows: np.ndarray, scale: float, chunk_rows: int) -> np.ndarray:
+    """``scale * image_emb @ rows.T`` in float32, block by block."""
+    w = np.ascontiguousarray(np.asarray(rows, dtype=np.float32).T)
+    out = np.empty((len(image_emb), w.shape[1]), dtype=np.float32)
     for start in range(0, len(image_emb), chunk_rows):
         block = np.asarray(image_emb[start : start + chunk_rows], dtype=np.float32)
-        np.matmul(block, tags, out=out[start : start + len(block)])
-        if scale != 1.0:
-            out[start : start + len(block)] *= np.float32(scale)
-    return out, int(sem.size)
+        np.matmul(block, w, out=out[start : start + len(block)])
+    if scale != 1.0:
+        out *= np.float32(scale)
+    return out
 
 
 def fit_kmeans(x: np.ndarray, n_clusters: int, seed: int, *, rows: np.ndarray | None = None,
