@@ -24,15 +24,16 @@ def main() -> None:
     del manifest
     tags, kinds, tag_emb = read_text_embeddings(TAG_EMB)
     scale = card["logit_scale"] if f.logit_scale else 1.0
-    tm, n_sem = tm_features(emb, tag_emb, kinds, scale=scale)  # [semantic | attribute] columns
-    # K-means sees the semantic TM geometry exactly, in at most D dims (not M)
+    # K-means sees the semantic TM geometry exactly, in at most D dims (not M); clustering
+    # before the TM table exists keeps the two large arrays from being alive at once
     space = kmeans_space(emb, tag_emb[np.asarray(kinds) == "semantic"], scale=scale)
-    emb_dim = emb.shape[1]
-    del emb  # the embeddings themselves stay in IMAGE_EMB (joined on load)
     split = rows["split"].to_numpy()
     clusters = semantic_clusters(space, f.n_clusters, p.seed, fit_mask=split == "train", method=f.kmeans,
                                  fit_rows=f.kmeans_fit_rows, n_init=f.kmeans_n_init)
     del space
+    tm, n_sem = tm_features(emb, tag_emb, kinds, scale=scale)  # [semantic | attribute] columns
+    emb_dim = emb.shape[1]
+    del emb  # the embeddings themselves stay in IMAGE_EMB (joined on load)
     sim_sem = tm[:, :n_sem]
     means = cluster_means(sim_sem, clusters, f.n_clusters)
     write_features_table(

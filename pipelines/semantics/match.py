@@ -62,18 +62,19 @@ def kmeans_space(image_emb: np.ndarray, sem_tag_emb: np.ndarray, scale: float = 
                  chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
     """Rows whose Euclidean geometry is exactly that of the semantic TM features, in <= D dims.
 
-    ``sim_sem = scale * E @ T.T`` (N x M) is a linear map of the D-d embeddings. With
-    ``T = U S Vt`` (thin SVD), ``||(e1 - e2) T.T|| = ||(e1 - e2) Vt.T S||``, so K-means on
-    ``Y = scale * E @ Vt.T @ diag(S)`` (N x rank(T)) sees the same distances, inertia and
-    assignments as on ``sim_sem``, at D / M of the cost when the library is wider than the
-    embedding (2,145 tags vs 768 dims for ViT-L/14). When it is not, ``sim_sem`` itself is returned.
+    ``sim_sem = scale * E @ T.T`` (N x M) is a linear map of the D-d embeddings, so
+    ``||sim_1 - sim_2||^2 = (e_1 - e_2) G (e_1 - e_2)^T`` with ``G = T.T @ T`` (D x D). With
+    ``G = V diag(w) V.T``, ``Y = scale * E @ V @ diag(sqrt(w))`` (N x rank(T)) has the same
+    distances, inertia and assignments as ``sim_sem``, at D / M of the cost when the library
+    is wider than the embedding (2,145 tags vs 768 dims for ViT-L/14). When it is not,
+    ``sim_sem`` itself is returned.
     """
     t = np.asarray(sem_tag_emb, dtype=np.float64)
     if t.shape[0] <= t.shape[1]:
         return _sims(image_emb, t, scale, chunk_rows)
-    _, sv, vt = np.linalg.svd(t, full_matrices=False)
-    rank = int((sv > sv[0] * 1e-6).sum())
-    return _sims(image_emb, (vt[:rank].T * sv[:rank]).T, scale, chunk_rows)
+    w, v = np.linalg.eigh(t.T @ t)
+    keep = w > w.max() * 1e-10
+    return _sims(image_emb, (v[:, keep] * np.sqrt(w[keep])).T, scale, chunk_rows)
 
 
 def _sims(image_emb: np.ndarray, rows: np.ndarray, scale: float, chunk_rows: int) -> np.ndarray:
