@@ -68,6 +68,11 @@ class FeaturesParams:
     n_clusters: int = 8
     # Multiply cosine similarities by CLIP's logit scale, as the TMCR authors' code does.
     logit_scale: bool = True
+    # K-means estimator (pipelines.semantics.fit_kmeans): sample (Lloyd's on at most
+    # kmeans_fit_rows training rows) | minibatch | full (every training row)
+    kmeans: str = "sample"
+    kmeans_fit_rows: int = 50_000
+    kmeans_n_init: int | str = "auto"  # auto: 10 restarts up to 10,000 fitted rows, else 3
 
 
 @dataclass(frozen=True)
