@@ -8,7 +8,7 @@ import torch
 
 from pipelines.config import as_dict
 from pipelines.io import DataError, atomic_path, load_torch, write_json
-from pipelines.metrics import dist_to_score, evaluate, lmh_mae, srcc
+from pipelines.metrics import balanced_set_indices, dist_to_score, evaluate, lmh_mae, read_balanced_set, region_edges, srcc
 from pipelines.tracking.runs import stage_run, weights_tags
 from pipelines.tracking import registry
 from pipelines.tracking.scoring import log_scoring_model, make_bundle, requirements
@@ -16,7 +16,7 @@ from pipelines.embed.cache import read_meta
 from pipelines.embed.encode import read_text_embeddings
 from pipelines.train.data import load_features
 from pipelines.train.loops import load_head, predict_logits
-from stages.common import FEATURES, IMAGE_EMB, METRICS, MODELS, PLOTS, TAG_EMB, cli, params, stamp, weights_card
+from stages.common import FEATURES, IMAGE_EMB, MODELS, PLOTS, TAG_EMB, cli, params, random_warning, stamp, weights_card, write_metrics
 
 MODEL_FILES = {"head": MODELS / "head.pt", "selftrain": MODELS / "selftrain.pt"}
 REQUIREMENTS = ("torch", "torchvision", "open_clip_torch", "numpy", "pandas", "pillow", "mlflow")
@@ -82,26 +82,50 @@ def _save(fig, path) -> None:
     plt.close(fig)
 
 
+def longtail_options(ev, test_ids) -> dict:
+    """``evaluate()``'s long-tail keywords from ``params.yaml evaluate``: a balanced-set file
+    (``lt_balanced_set``, the TMCR authors' CSV layout) or explicit edges (``lt_edges``), else
+    the default rule on the training scores."""
+    if ev.lt_balanced_set:
+        try:
+            indices, missing = balanced_set_indices(test_ids, read_balanced_set(ev.lt_balanced_set))
+        except (OSError, ValueError) as exc:
+            raise DataError(f"params.yaml evaluate.lt_balanced_set: {exc}") from exc
+        if missing:
+            print(f"evaluate: {missing} images of {ev.lt_balanced_set} are not in the test split; the long-tail MSE uses the rest")
+        return {"lt_indices": indices}
+    if ev.lt_edges is not None:
+        try:
+            region_edges(ev.lt_edges)
+        except ValueError as exc:
+            raise DataError(f"params.yaml evaluate.lt_edges: {exc}") from exc
+        return {"lt_edges": ev.lt_edges}
+    return {}
+
+
 @cli
 def main() -> None:
     p = params()
     card = weights_card()
-    warning = stamp({}, card).get("WARNING")
+    warning = random_warning(card)
     feats = load_features(FEATURES, IMAGE_EMB)
     train, val, test = feats.split_of("train"), feats.split_of("val"), feats.split_of("test")
     if len(test) < 3:
         raise DataError(f"{FEATURES}: only {len(test)} test images; evaluation needs at least 3.")
     models = {name: load_head(path) for name, path in MODEL_FILES.items()}
+    lt = longtail_options(p.evaluate, test.image_id)
     results, preds, region_rows, val_srcc = {}, {}, [], {}
     for name, model in models.items():
         probs = predict_probs(model, test)
-        results[name] = evaluate(probs, test.dist, train.score, threshold=p.data.threshold, seed=p.seed)
+        results[name] = evaluate(probs, test.dist, train.score, threshold=p.data.threshold, seed=p.seed, **lt)
         preds[name] = dist_to_score(probs)
-        region_rows += [{"model": name, "region": k, "mae": v} for k, v in lmh_mae(preds[name], test.score).items()]
+        # `bar`: one row per (region, model) in `dvc plots` (sorted L, M, H), so the models' bars never overlap
+        region_rows += [{"model": name, "region": k, "mae": v, "bar": f"{i} {k}: {name}"}
+                        for i, (k, v) in enumerate(lmh_mae(preds[name], test.score).items(), 1)]
         val_srcc[name] = float(srcc(dist_to_score(predict_probs(model, val)), val.score)) if len(val) >= 3 else float("nan")
     best = max(val_srcc, key=lambda k: -np.inf if np.isnan(val_srcc[k]) else val_srcc[k])
-    metrics = stamp({**results, "registered_model": best, "val_srcc": val_srcc}, card)
-    write_json(METRICS / "eval.json", metrics)
+    write_metrics("eval", stamp({**results, "registered_model": best, "val_srcc": val_srcc}, card), list(results),
+                  random_weights=card["random_weights"], registered_model=best)
 
     PLOTS.mkdir(exist_ok=True)
     pred_table = pd.DataFrame({"image_id": test.image_id, "true_score": test.score, **{f"pred_{k}": v for k, v in preds.items()}})

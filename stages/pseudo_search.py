@@ -9,7 +9,7 @@ from pipelines.config import as_dict
 from pipelines.io import write_json, write_parquet
 from pipelines.selftrain.pseudo import pseudo_labels
 from pipelines.tracking.runs import stage_run, weights_tags
-from stages.common import FEATURES, IMAGE_EMB, METRICS, MODELS, PSEUDO, cli, params, stamp, weights_card
+from stages.common import FEATURES, IMAGE_EMB, METRICS, MODELS, PSEUDO, cli, params, weights_card
 
 
 @cli
@@ -22,7 +22,7 @@ def main() -> None:
         thresholds=s.thresholds, min_selected=s.min_selected,
     )
     write_parquet(PSEUDO, labels.table())
-    metrics = stamp(labels.metrics(), card)
+    metrics = labels.metrics()
     write_json(METRICS / "pseudo_search.json", metrics)
     write_json(PSEUDO.parent / "grid.json", labels.search["grid"])
     with stage_run(p.mlflow, "pseudo_search", config={"pseudo_search": as_dict(s), "seed": p.seed}, tags={"data": p.data.name, **weights_tags(card)}):
