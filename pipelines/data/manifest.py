@@ -88,10 +88,10 @@ def build_manifest(
 
     parse = get_adapter(adapter)
     labels, images = Path(labels), Path(images)
-    if not labels.is_file():
+    if not labels.exists():  # a file, or a folder for the adapters that read several files (para, tad66k)
         raise DataError(
             f"{labels}: label file not found; set `data.labels` in params.yaml to the data "
-            f"set's label file (adapter {adapter!r})."
+            f"set's label file or folder (adapter {adapter!r})."
         )
     if not images.is_dir():
         raise DataError(
