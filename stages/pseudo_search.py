@@ -5,11 +5,15 @@ The search scores candidate pairs on a labelled VALIDATION subset only (see
 ground truth, which leaks test labels).
 """
 
+import torch
+
 from pipelines.config import as_dict
+from pipelines.ranking.backbone import cr_card, stamp_cr
 from pipelines.io import write_json, write_parquet
 from pipelines.selftrain.pseudo import pseudo_labels
 from pipelines.tracking.runs import stage_run, weights_tags
-from stages.common import FEATURES, IMAGE_EMB, METRICS, MODELS, PSEUDO, cli, params, stamp, weights_card
+from stages.common import FEATURES, METRICS, MODELS, PSEUDO, cli, params, stamp, weights_card
+from stages.cr_features import head_cr_input
 
 
 @cli
@@ -18,11 +22,12 @@ def main() -> None:
     s = p.pseudo_search
     card = weights_card()
     labels = pseudo_labels(
-        FEATURES, IMAGE_EMB, MODELS / "head.pt", seed=p.seed, val_fraction=s.val_fraction, betas=s.betas,
+        FEATURES, head_cr_input(MODELS / "head.pt"), MODELS / "head.pt", seed=p.seed, val_fraction=s.val_fraction, betas=s.betas,
         thresholds=s.thresholds, min_selected=s.min_selected,
     )
     write_parquet(PSEUDO, labels.table())
-    metrics = stamp(labels.metrics(), card)
+    cr = cr_card(torch.load(MODELS / "head.pt", map_location="cpu", weights_only=True)["arch"].get("cr_input"))
+    metrics = stamp_cr(stamp(labels.metrics(), card), cr)
     write_json(METRICS / "pseudo_search.json", metrics)
     write_json(PSEUDO.parent / "grid.json", labels.search["grid"])
     with stage_run(p.mlflow, "pseudo_search", config={"pseudo_search": as_dict(s), "seed": p.seed}, tags={"data": p.data.name, **weights_tags(card)}):

@@ -9,6 +9,7 @@ import torch
 
 from pipelines.config import TrainParams
 from pipelines.io import atomic_path, write_json
+from pipelines.ranking.backbone import cr_tags, stamp_cr
 from pipelines.tracking.runs import stage_run, tracking_uri, weights_tags
 from pipelines.train.runner import run_training
 from stages.common import METRICS, params, stamp, weights_card
@@ -23,8 +24,12 @@ def train_stage(
     inputs: list[Path],
     model_out: Path,
     extra: dict[str, Any] | None = None,
+    cr: Callable[[dict], dict] | None = None,
 ) -> dict[str, Any]:
-    """Fit ``loop`` under an MLflow run, save its final state to ``model_out``, write metrics."""
+    """Fit ``loop`` under an MLflow run, save its final state to ``model_out``, write metrics.
+
+    ``cr(state)``: the E_CR card of the trained state (``pipelines.ranking.backbone.cr_card``),
+    stamped on the metrics and the run's tags (random backbone weights loudly)."""
     p = params()
     card = weights_card()
     config = {
@@ -49,6 +54,10 @@ def train_stage(
             torch.save(state, tmp)
         history = mlflow.tracking.MlflowClient().get_run(run.info.run_id).data.metrics
         metrics = stamp({"final_" + k: v for k, v in history.items() if k != "epoch"}, card)
+        if cr is not None:
+            cr_card = cr(state)
+            metrics = stamp_cr(metrics, cr_card)
+            mlflow.set_tags(cr_tags(cr_card))
         metrics["epochs"] = state["epoch"] + 1
         if "selected_epoch" in state:
             metrics["selected_epoch"] = state["selected_epoch"]

@@ -30,12 +30,16 @@ AESTHETICS_COLUMNS = ["score", "distribution", "top_semantic", "top_attribute", 
 FAMILY_COLUMNS = ["score", "distribution", "error"]  # FamilyModel output
 
 
-def make_bundle(path: Path, *, head_state: dict, card: dict, tags: list[str], kinds: list[str], tag_emb: np.ndarray, logit_scale: float) -> None:
+def make_bundle(path: Path, *, head_state: dict, card: dict, tags: list[str], kinds: list[str], tag_emb: np.ndarray, logit_scale: float,
+                cr_encoder: dict | None = None) -> None:
+    """``cr_encoder``: the image E_CR's spec + backbone weights (``pipelines.ranking.cr_features.bundle_cr_encoder``),
+    whose features are the head's CR input; None when E_CR reads the CLIP embedding."""
     from pipelines.io import atomic_path
 
     bundle = {
         "arch": head_state["arch"], "model": head_state["model"], "card": card,
         "tags": list(tags), "kinds": list(kinds), "tag_emb": np.asarray(tag_emb, np.float32), "scale": float(logit_scale),
+        "cr_encoder": cr_encoder,
     }
     with atomic_path(path) as tmp:
         torch.save(bundle, tmp)
@@ -96,24 +100,31 @@ class AestheticsModel(mlflow.pyfunc.PythonModel):
         self.head = head_from_arch(b["arch"])
         self.head.load_state_dict(b["model"])
         self.head.eval()
+        from pipelines.ranking.cr_features import cr_backbone_from_bundle
+
+        self.cr_backbone = cr_backbone_from_bundle(b.get("cr_encoder"))  # image E_CR: CR input from pixels
         self.tags, self.kinds = np.asarray(b["tags"]), np.asarray(b["kinds"])
         self.tag_emb, self.scale, self.card = torch.from_numpy(b["tag_emb"]), b["scale"], card
 
     @torch.no_grad()
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        from pipelines.ranking.cr_features import cr_image_features
+
         check_input(model_input)
         top_k = int((params or {}).get("top_k", 3))
         rows = []
         for _, row in model_input.iterrows():
             try:
-                x = self.clip.preprocess(read_row_image(row)).unsqueeze(0)
+                image = read_row_image(row)
+                x = self.clip.preprocess(image).unsqueeze(0)
             except Exception as exc:  # noqa: BLE001 - per-row error: one bad image must not sink the batch
                 rows.append({**error_row(exc), "top_semantic": None, "top_attribute": None})
                 continue
             emb = self.clip.model.encode_image(x).float()
             emb = emb / emb.norm(dim=-1, keepdim=True)
             sims = (emb @ self.tag_emb.T) * self.scale
-            probs = torch.softmax(self.head(sims, emb), 1)[0].numpy()
+            cr_in = emb if self.cr_backbone is None else cr_image_features(self.cr_backbone, [image])
+            probs = torch.softmax(self.head(sims, cr_in), 1)[0].numpy()
             s = sims[0].numpy()
             top = {k: self.tags[self.kinds == k][np.argsort(-s[self.kinds == k])[:top_k]].tolist() for k in ("semantic", "attribute")}
             rows.append({**score_row(probs), "top_semantic": top["semantic"], "top_attribute": top["attribute"]})
