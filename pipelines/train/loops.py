@@ -124,16 +124,16 @@ def pretrain_loop(config: dict) -> None:
         enc = CREncoder(emb.shape[1], config["hidden"], config["dim"], config["dropout"])
         groups = [{"params": list(enc.parameters())}]
         make, dtype, workers = functools.partial(_rows_tensor, emb), None, 0
+    enc.to(device)
     opt = torch.optim.AdamW(groups, lr=config["lr"], weight_decay=config["weight_decay"])
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start = 0
     if (state := load_resume_state(config)) is not None:
         enc.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        opt.load_state_dict(state["optimizer"])  # after the move: its state lands on the parameters' device
         if "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         start = state["epoch"] + 1
-    enc.to(device)
     model = ray.train.torch.prepare_model(enc) if world > 1 else enc  # DDP across workers
     log = EpochLogger(config.get("tracking_uri"), config.get("run_id")) if rank == 0 else None
     for epoch in tqdm(range(start, config["epochs"]), desc="pretrain", disable=rank != 0, initial=start, total=config["epochs"]):
