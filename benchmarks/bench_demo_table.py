@@ -108,9 +108,12 @@ def main() -> None:
             config, inputs = pretrain_config(q)
             config = {**config, "seed": seed, **{k: str(Path(v).resolve()) for k, v in config.items() if k.endswith("_path") and v}}
             t = time.perf_counter()
-            state = run_training(pretrain_loop, config, local, stage=f"table-pretrain-{enc}-{seed}", inputs=[str(i) for i in inputs])
             cr_path = work / f"cr_{enc}_{seed}.pt"
-            torch.save(state, cr_path)
+            if cr_path.exists():  # an earlier run of this seed trained it (same params)
+                state = torch.load(cr_path, weights_only=True)
+            else:
+                state = run_training(pretrain_loop, config, local, stage=f"table-pretrain-{enc}-{seed}", inputs=[str(i) for i in inputs])
+                torch.save(state, cr_path)
             emb_path = IMAGE_EMB
             if enc == "image":
                 emb_path = work / f"cr_features_{seed}"

@@ -99,6 +99,8 @@ def test_unknown_backbone_names_the_param_and_close_known_ones():
     assert "swin_base_patch4_window7_224" in names and "torchvision:resnet18" in names
     model, dim, weights = create_backbone("torchvision:resnet18")
     assert dim == 512 and weights == "random" and model.eval()(torch.zeros(1, 3, 64, 64)).shape == (1, 512)
+    model, dim, _ = create_backbone("mobilenetv3_small_050")  # pooled width after its pre-logits conv head
+    assert model.eval()(torch.zeros(1, 3, 64, 64)).shape == (1, dim) == (1, 1024)
 
 
 def test_local_checkpoint_loads_and_unfit_ones_fail(tmp_path):

@@ -73,7 +73,8 @@ def _build(name: str, pretrained_tag: str | None) -> tuple[nn.Module, int]:
         raise _unknown(name)
     full = name if not pretrained_tag else f"{name}.{pretrained_tag}"
     model = timm.create_model(full, pretrained=pretrained_tag is not None, num_classes=0)
-    return model, int(model.num_features)
+    # the pooled output's width: after a pre-logits head where the model has one (MobileNetV3's conv_head)
+    return model, int(getattr(model, "head_hidden_size", None) or model.num_features)
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
