@@ -18,9 +18,9 @@ from PIL import Image
 
 from pipelines.config import TrainParams
 from pipelines.data.manifest import manifest_table, scores_from_votes, write_manifest
-from pipelines.images import crop_view, view_batch
+from pipelines.images import crop_view
 from pipelines.io import DataError, write_parquet
-from pipelines.ranking.backbone import ImageCREncoder, create_backbone, encoder_from_spec, known_backbones
+from pipelines.ranking.backbone import ImageCREncoder, create_backbone, known_backbones
 from pipelines.ranking.cr_features import cr_image_features, encoder_from_state, image_paths, write_cr_features
 from pipelines.ranking.index import build_index
 from pipelines.embed.cache import read_image_embeddings

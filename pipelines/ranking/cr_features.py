@@ -13,7 +13,6 @@ the evaluation view every reader of pixels for E_CR uses (the scoring model too)
 from __future__ import annotations
 
 import functools
-import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -26,8 +25,6 @@ from pipelines.images import batch_loader, crop_view, to_device, view_batch
 from pipelines.io import DataError
 from pipelines.ranking.backbone import ImageCREncoder, state_fingerprint, sub_state
 from pipelines.train.data import CR_FEATURES_KIND
-
-log = logging.getLogger(__name__)
 
 
 def image_paths(manifest_path: str | Path, image_ids: Sequence[str], root: str | Path) -> list[str]:
