@@ -19,14 +19,12 @@ from torch import nn
 from pipelines.heads.losses import emd_loss
 from pipelines.io import DataError
 from pipelines.metrics import (
-    balanced_test_indices,
     binary_accuracy,
     dist_to_score,
     emd,
     evaluate,
     lmh_mae,
-    longtail_mse,
-    longtail_regions,
+    longtail_metrics,
     mse,
     plcc,
     srcc,
@@ -105,11 +103,7 @@ def score_metrics(pred_score: np.ndarray, true_dist: np.ndarray, train_scores: n
     ts = dist_to_score(true_dist)
     ps = np.asarray(pred_score, dtype=np.float64)
     lmh = lmh_mae(ps, ts)
-    regions = longtail_regions(train_scores, 20)
-    try:
-        lt = longtail_mse(ps, ts, regions, balanced_test_indices(ts, regions, seed))
-    except ValueError:
-        lt = dict.fromkeys(("ALL", "Many", "Med", "Few"))
+    lt = longtail_metrics(ps, ts, train_scores, seed=seed)
     return {
         "acc": binary_accuracy(ps, ts, 5.0), "plcc": plcc(ps, ts), "srcc": srcc(ps, ts), "mse": mse(ps, ts),
         "emd1": None, "emd2": None, "mae_L": lmh["L"], "mae_M": lmh["M"], "mae_H": lmh["H"],
@@ -194,6 +188,13 @@ class _SoftmaxMLP(nn.Module):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(d, 256), nn.ReLU(), nn.Dropout(0.25), nn.Linear(256, n_levels))
 
+    def features(self, x):
+        """The feature ELTA's TFA and FLSA act on: the hidden layer, below the classifier."""
+        return self.net[:3](x)
+
+    def logits(self, x):
+        return self.net(x)
+
     def forward(self, x):
         return torch.softmax(self.net(x), 1)
 
@@ -210,3 +211,80 @@ def mlp_emd_baseline(d: BenchData, seed: int = 0, epochs: int = 60) -> tuple[np.
     with torch.no_grad():
         info["val_srcc"] = srcc(dist_to_score(model(t(d.emb[va])).numpy()), d.score[va])
         return model(t(d.emb[te])).numpy(), info
+
+
+def mlp_elta(d: BenchData, seed: int, head, pseudo_search, selftrain, epochs: int = 60) -> dict[str, tuple[np.ndarray, dict]]:
+    """ELTA plugged into the EMD-MLP baseline (ELTA sec. 4.3, Fig. 4): the same MLP, init, optimiser,
+    batch and epoch rule (best val EMD2) as ``mlp_emd_baseline``, trained with TFA (``head.tfa_*``)
+    and FLSA (``head.flsa_weight``) on its hidden layer; then APDS (beta, t) on the labelled val,
+    pseudo labels for the 'unlabeled' rows, and one round of self-training (L_s + L_u, ELTA eq. 10;
+    ``selftrain.epochs`` / ``lr`` / ``unlabeled_weight``), again keeping the best val-EMD2 epoch.
+
+    Returns ``{"tfa_flsa": (test probs, info), "elta": (test probs, info)}``.
+    """
+    from pipelines.heads.losses import flsa_loss
+    from pipelines.heads.tfa import tfa_mix
+    from pipelines.selftrain.apds import apds_sharpen, grid_search, select_pseudo_labels
+    from pipelines.selftrain.unlabeled import unlabeled_loss
+
+    torch.manual_seed(seed)
+    tr, va, te, un = (d.split == s for s in ("train", "val", "test", "unlabeled"))
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a, np.float32))  # noqa: E731
+    x, y, sc = t(d.emb[tr]), t(d.dist[tr]), t(d.score[tr])
+    xv, yv = t(d.emb[va]), d.dist[va]
+    gen = torch.Generator().manual_seed(seed)
+    emd_r = lambda p, q: emd_loss(p, q, r=2)  # noqa: E731
+
+    def fit(model, n_epochs, lr, pool=None):
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        model.eval()
+        with torch.no_grad():
+            best, best_epoch = (emd(model(xv).numpy(), yv, 2), -1) if pool is not None else (float("inf"), -1)
+        best_state = {k: v.clone() for k, v in model.state_dict().items()}
+        for ep in range(n_epochs):
+            model.train()
+            perm = torch.randperm(len(x), generator=gen)
+            for i in range(0, len(x), 128):
+                r = perm[i : i + 128]
+                f = model.features(x[r])
+                f_all, y_all = f, y[r]
+                if head.tfa and len(r) >= 3:
+                    mf, my, _ = tfa_mix(f, y[r], sc[r], tau1=head.tfa_tau1, tau2=head.tfa_tau2, n_mix=head.tfa_n_mix, generator=gen)
+                    f_all, y_all = torch.cat([f, mf]), torch.cat([y[r], my])
+                loss = emd_r(torch.softmax(model.net[3](f_all), 1), y_all)
+                if head.flsa:
+                    loss = loss + head.flsa_weight * flsa_loss(f, sc[r])
+                if pool is not None:
+                    loss = loss + selftrain.unlabeled_weight * unlabeled_loss(pool, model.logits, emd_r, 128, gen)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            model.eval()
+            with torch.no_grad():
+                v = emd(model(xv).numpy(), yv, 2)
+            if v < best:
+                best, best_epoch = v, ep
+                best_state = {k: w.clone() for k, w in model.state_dict().items()}
+        model.load_state_dict(best_state)
+        return model.eval(), {"best_epoch": best_epoch, "val": best}
+
+    def result(model, info):
+        with torch.no_grad():
+            info["val_srcc"] = srcc(dist_to_score(model(xv).numpy()), d.score[va])
+            return model(t(d.emb[te])).numpy(), info
+
+    model, info = fit(_SoftmaxMLP(d.emb.shape[1], d.dist.shape[1]), epochs, 1e-3)
+    out = {"tfa_flsa": result(model, dict(info))}
+    with torch.no_grad():
+        logits_val, logits_un = model.logits(xv).numpy(), model.logits(t(d.emb[un])).numpy()
+    mean_score = float(d.score[tr].mean())
+    search = grid_search(logits_val, d.score[va], mean_score, pseudo_search.betas, pseudo_search.thresholds,
+                         min_selected=max(1, int(np.ceil(pseudo_search.min_selected * int(va.sum())))))
+    probs = apds_sharpen(logits_un, mean_score, search["beta"])
+    selected = select_pseudo_labels(probs, search["t"])
+    pool = {"inputs": (t(d.emb[un]),), "dist": t(probs), "selected": torch.from_numpy(selected)}
+    model, info = fit(model, selftrain.epochs, selftrain.lr, pool)
+    info["apds"] = {"beta": search["beta"], "t": search["t"], "val_mae": search["mae"], "unlabeled_n": int(un.sum()),
+                    "unlabeled_selected": int(selected.sum())}
+    out["elta"] = result(model, info)
+    return out

@@ -4,6 +4,10 @@ Each stage reads its own block plus the shared ones (``seed``, ``data``, ``mlflo
 Blocks are dataclasses: an unknown key, a missing required key or a value of the wrong
 type is a ``DataError`` that names the file, the dotted key and the fix — a typo in
 ``params.yaml`` must never silently fall back to a default.
+
+Params are YAML 1.2, read exactly as DVC reads them (ruamel.yaml's safe loader, as in
+``dvc.utils.serialize.parse_yaml``): ``dvc exp run -S`` rewrites ``params.yaml`` in YAML 1.2,
+where ``off`` is a string and ``1e-3`` a float (YAML 1.1 readers see ``False`` and ``"1e-3"``).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from ruamel.yaml import YAML, YAMLError
 
 from pipelines.io import DataError
 
@@ -136,9 +140,9 @@ class HeadParams:
     use_tm: bool = True
     use_cr: bool = True
     tfa: bool = True
-    tfa_tau1: float = 0.5
-    tfa_tau2: float = 2.0
-    tfa_n_mix: int = 1
+    tfa_tau1: float = 0.2  # ELTA Fig. 5
+    tfa_tau2: float = 4.0  # ELTA Fig. 5
+    tfa_n_mix: int = 4  # not in the paper; chosen on the real-feature benchmark DEV val
     flsa: bool = True
     flsa_weight: float = 0.1
     # Keep the weights of the epoch with the best validation SRCC (else the last epoch's).
@@ -166,6 +170,11 @@ class SelftrainParams:
 class EvaluateParams:
     tsne_max_points: int = 300
     register: bool = True
+    # TMCR long-tail regions: explicit [c0, c1, c2, c3] (Many [c1, c2], Med [c0, c1) and (c2, c3],
+    # Few outside), or null for the default rule on the training scores (pipelines.metrics.LT_SHARES)
+    lt_edges: list[float] | None = None
+    # a balanced long-tail test set in the TMCR authors' CSV layout (image_id, ..., Shot), or null
+    lt_balanced_set: str | None = None
 
 
 @dataclass(frozen=True)
@@ -254,14 +263,30 @@ class Params:
     model: ModelParams = field(default_factory=ModelParams)
 
 
+def parse_yaml(text: str) -> Any:
+    """YAML 1.2 text as DVC parses it (``off`` stays a string, ``1e-3`` is a float)."""
+    return YAML(typ="safe", pure=True).load(text)
+
+
+def dump_yaml(data: Any) -> str:
+    """``data`` as YAML 1.2 block text (a string that would read back as another type is quoted)."""
+    import io
+
+    out = io.StringIO()
+    writer = YAML(typ="safe", pure=True)
+    writer.default_flow_style = False
+    writer.dump(data, out)
+    return out.getvalue()
+
+
 def read_yaml(path: str | Path, missing_hint: str) -> Any:
-    """A YAML file's content; a missing or invalid file is a DataError naming it."""
+    """A YAML 1.2 file's content; a missing or invalid file is a DataError naming it."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found; {missing_hint}")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
+        return parse_yaml(path.read_text(encoding="utf-8")) or {}
+    except YAMLError as exc:
         raise DataError(f"{path}: not valid YAML ({exc}).") from exc
 
 

@@ -8,8 +8,10 @@ same directory, and is renamed over the target only once it is complete.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,11 +25,14 @@ class DataError(ValueError):
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` on success.
 
-    On an exception the temporary file is removed and ``path`` is left untouched.
+    On an exception the temporary file is removed and ``path`` is left untouched. A process
+    killed outright (SIGKILL, OOM) cannot clean up: the next write of the same path removes
+    the temporary files that dead processes of this host left for it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_orphans(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_OWNER}-{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -36,6 +41,28 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+_OWNER = "".join(c for c in socket.gethostname() if c.isalnum())[:32] or "host"
+
+
+def _remove_orphans(path: Path) -> None:
+    """Delete ``.<name>.<host>-<pid>.*.tmp`` files next to ``path`` whose process is gone."""
+    prefix = f".{path.name}.{_OWNER}-"
+    for tmp in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        pid = tmp.name[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -66,6 +93,28 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON ({exc}); delete it and rerun the stage.") from exc
+
+
+def load_torch(path: str | os.PathLike) -> Any:
+    """A ``torch.save`` file read with ``weights_only=True`` (onto the CPU): tensors, dicts,
+    lists, tuples, strings, numbers and None only. A file that holds any other pickled object
+    (a numpy array, a dataclass, a class instance) is refused with a DataError naming the file,
+    since unpickling it could run code."""
+    import pickle
+    import re
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(exc))
+        what = f" ({found[1]})" if found else ""
+        raise DataError(
+            f"{path}: holds a pickled Python object{what}, not plain data (tensors, dicts, lists, strings, "
+            "numbers), so it is not loaded: unpickling it could run code. Re-create the file with this "
+            "pipeline (`dvc repro`), or use a file from a source you trust converted to plain data."
+        ) from exc
 
 
 def _json_default(obj: Any) -> Any:

@@ -151,11 +151,20 @@ def lmh_mae(pred, true) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- TMCR long tail
+LT_BINS = 20
+LT_SHARES: tuple[float, float] = (0.5, 0.45)
+"""The default long-tail rule: 20 equal-width bins of the training scores, ranked by count;
+the densest holding the first half of the training images are 'Many', the next up to 95 %
+'Med', the rest 'Few'. On AVA's training scores (TANet split) this reproduces the TMCR
+authors' released regions, Many = [4.87, 5.88], Med = [3.85, 4.87) and (5.88, 6.90], each edge
+within 0.005 (tests/test_metrics.py)."""
+
+
 def longtail_regions(
     train_scores,
-    n_bins: int = 20,
+    n_bins: int = LT_BINS,
     *,
-    shares: tuple[float, float] = (0.6, 0.3),
+    shares: tuple[float, float] = LT_SHARES,
     score_range: tuple[float, float] | None = None,
 ) -> dict:
     """Define 'Many' / 'Med' / 'Few' score regions from the TRAINING score histogram.
@@ -170,10 +179,11 @@ def longtail_regions(
        current one: a bin is 'Many' while that share is < ``shares[0]``, 'Med' while it is
        < ``shares[0] + shares[1]``, and 'Few' otherwise.
 
-    So 'Many' is the smallest set of densest bins holding >= 60% of training images, 'Med'
-    the next densest up to >= 90%, and 'Few' the sparsest bins with the last ~10% (and any
-    empty bins). For a unimodal histogram this gives a central 'Many' interval flanked by
-    'Med' and with 'Few' in both tails. Scores outside the range fall in the end bins.
+    With the defaults (20 bins, shares 0.5 / 0.45), 'Many' is the smallest set of densest bins
+    holding >= 50 % of training images, 'Med' the next densest up to >= 95 %, and 'Few' the
+    sparsest bins (and any empty bins). For a unimodal histogram this gives a central 'Many'
+    interval flanked by 'Med' and with 'Few' in both tails; on AVA it gives the authors'
+    regions (see :data:`LT_SHARES`). Scores outside the range fall in the end bins.
 
     Returns a JSON-serialisable dict: ``edges`` (n_bins + 1 floats), ``bin_region``,
     ``bin_count``, ``shares``, ``rule``.
@@ -204,14 +214,30 @@ def longtail_regions(
     }
 
 
+def region_edges(cuts: Sequence[float]) -> dict:
+    """Explicit regions from four cut points ``[c0, c1, c2, c3]`` (``c0 < c1 <= c2 < c3``):
+    Many = [c1, c2], Med = [c0, c1) and (c2, c3], Few = below c0 or above c3 (the TMCR
+    authors' AVA regions are ``[3.85, 4.87, 5.88, 6.90]``). Same use as ``longtail_regions``."""
+    c = _vec(cuts, "long-tail edges")
+    if c.shape != (4,) or not (c[0] < c[1] <= c[2] < c[3]):
+        raise ValueError(f"long-tail edges must be 4 increasing numbers [c0 < c1 <= c2 < c3], got {c.tolist()}")
+    return {"cuts": c.tolist(), "rule": "Many [c1, c2]; Med [c0, c1) and (c2, c3]; Few < c0 or > c3"}
+
+
 def _bin_of(scores: np.ndarray, edges: np.ndarray) -> np.ndarray:
     """Bin index per score; the last bin is closed, out-of-range scores are clipped."""
     return np.clip(np.searchsorted(edges, scores, side="right") - 1, 0, len(edges) - 2)
 
 
 def score_regions(scores, regions: Mapping) -> np.ndarray:
-    """Region name ('Many' / 'Med' / 'Few') of each score under ``longtail_regions`` output."""
+    """Region name ('Many' / 'Med' / 'Few') of each score under ``longtail_regions`` or
+    ``region_edges`` output."""
     s = _vec(scores, "scores")
+    if "cuts" in regions:
+        c0, c1, c2, c3 = regions["cuts"]
+        many = (s >= c1) & (s <= c2)
+        med = ((s >= c0) & (s < c1)) | ((s > c2) & (s <= c3))
+        return np.where(many, "Many", np.where(med, "Med", "Few")).astype(object)
     labels = np.asarray(regions["bin_region"], dtype=object)
     return labels[_bin_of(s, np.asarray(regions["edges"], dtype=np.float64))]
 
@@ -233,27 +259,94 @@ def balanced_test_indices(test_scores, regions: Mapping, seed: int = 0) -> dict[
     return {r: np.sort(rng.choice(members[r], size=m, replace=False)) for r in REGIONS}
 
 
-def longtail_mse(pred, true, regions: Mapping, indices: Mapping[str, np.ndarray]) -> dict[str, float]:
+BALANCED_CSV_COLUMNS = ("image_id", "Shot")
+"""Columns read from a balanced long-tail set in the TMCR authors' layout
+(``Label/LongTailed_Label/AVA_test_balanced.csv``: ``image_id,score2..score11,tag1,tag2,tag3,
+Aesthetic,Shot``, where score2..score11 are the vote counts for 1..10, tag3 the challenge id,
+Aesthetic the mean score and Shot the region, Many / Med / Few). Other columns are ignored."""
+
+
+def read_balanced_set(path) -> dict[str, str]:
+    """``{image_id: region}`` from a balanced long-tail set CSV (:data:`BALANCED_CSV_COLUMNS`).
+
+    Raises ``ValueError`` naming the file (and line) for a missing column, an unknown region,
+    a repeated image id or an empty file.
+    """
+    import csv
+
+    out: dict[str, str] = {}
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in BALANCED_CSV_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(
+                f"{path}: missing column(s) {missing}; a balanced set needs {list(BALANCED_CSV_COLUMNS)} "
+                "(the TMCR authors' AVA_test_balanced.csv layout)"
+            )
+        for line, row in enumerate(reader, 2):
+            image_id, region = str(row["image_id"]).strip(), str(row["Shot"]).strip()
+            if region not in REGIONS:
+                raise ValueError(f"{path}:{line}: Shot {region!r} is not one of {', '.join(REGIONS)}")
+            if image_id in out:
+                raise ValueError(f"{path}:{line}: image_id {image_id!r} appears twice")
+            out[image_id] = region
+    if not out:
+        raise ValueError(f"{path}: no rows")
+    return out
+
+
+def balanced_set_indices(test_ids, balanced: Mapping[str, str]) -> tuple[dict[str, np.ndarray], int]:
+    """Positions in ``test_ids`` of each region's images of a balanced set (``read_balanced_set``),
+    and how many of the set's images are not among ``test_ids``. Raises ``ValueError`` when
+    none is."""
+    ids = [str(i) for i in test_ids]
+    out = {r: np.asarray([k for k, i in enumerate(ids) if balanced.get(i) == r], dtype=np.int64) for r in REGIONS}
+    found = sum(len(v) for v in out.values())
+    if found == 0:
+        raise ValueError(f"none of the {len(balanced)} images of the balanced set is in the test split")
+    return out, len(balanced) - found
+
+
+def longtail_mse(pred, true, regions: Mapping | None, indices: Mapping[str, np.ndarray]) -> dict[str, float]:
     """MSE per region on the balanced test set, plus 'ALL' over the union (TMCR Table 3).
 
     ``indices`` comes from ``balanced_test_indices``; ``regions`` is checked against it (each
-    index must hold a true score in its region).
+    index must hold a true score in its region). ``regions=None`` skips that check: a balanced
+    set read from a file (``balanced_set_indices``) carries its own region labels.
     """
     p, t = _pair(pred, true)
     if set(indices) != set(REGIONS):
         raise ValueError(f"indices must have keys {REGIONS}, got {sorted(indices)}")
-    lab = score_regions(t, regions)
+    lab = score_regions(t, regions) if regions is not None else None
     out: dict[str, float] = {}
     for r in REGIONS:
         idx = np.asarray(indices[r], dtype=np.int64)
         if idx.size == 0:
             raise ValueError(f"region {r} has no indices")
-        if np.any(lab[idx] != r):
+        if lab is not None and np.any(lab[idx] != r):
             raise ValueError(f"indices[{r!r}] holds images whose true score is outside region {r}")
         out[r] = float(np.mean((p[idx] - t[idx]) ** 2))
     union = np.concatenate([np.asarray(indices[r], dtype=np.int64) for r in REGIONS])
     out["ALL"] = float(np.mean((p[union] - t[union]) ** 2))
     return {k: out[k] for k in ("ALL", *REGIONS)}
+
+
+def longtail_metrics(
+    pred_scores, true_scores, train_scores, *, seed: int = 0, lt_bins: int = LT_BINS,
+    lt_shares: tuple[float, float] = LT_SHARES, lt_edges: Sequence[float] | None = None,
+    lt_indices: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, float | None]:
+    """``longtail_mse`` on the balanced set of ``evaluate``'s long-tail options; all four values
+    None when a region has no test image (no balanced set can be drawn)."""
+    if lt_indices is not None:
+        if any(len(lt_indices.get(r, ())) == 0 for r in REGIONS):
+            return dict.fromkeys(("ALL", *REGIONS))
+        return longtail_mse(pred_scores, true_scores, None, lt_indices)
+    regions = region_edges(lt_edges) if lt_edges is not None else longtail_regions(train_scores, lt_bins, shares=lt_shares)
+    try:
+        return longtail_mse(pred_scores, true_scores, regions, balanced_test_indices(true_scores, regions, seed))
+    except ValueError:  # a region without test images: no balanced set can be drawn
+        return dict.fromkeys(("ALL", *REGIONS))
 
 
 # ----------------------------------------------------------------------------- all at once
@@ -264,14 +357,19 @@ def evaluate(
     *,
     threshold: float,
     seed: int = 0,
-    lt_bins: int = 20,
-    lt_shares: tuple[float, float] = (0.6, 0.3),
+    lt_bins: int = LT_BINS,
+    lt_shares: tuple[float, float] = LT_SHARES,
+    lt_edges: Sequence[float] | None = None,
+    lt_indices: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, float | None]:
     """Every metric of both papers for one test set.
 
     ``pred_dist`` / ``true_dist``: (N, L) distributions over levels 1..L (counts accepted).
     ``train_scores``: training-set mean scores on the same 1..L scale; they define the
-    long-tail regions (see ``longtail_regions`` for ``lt_bins`` / ``lt_shares``).
+    long-tail regions (see ``longtail_regions`` for ``lt_bins`` / ``lt_shares``), unless
+    ``lt_edges`` gives four explicit cut points (``region_edges``). ``lt_indices`` (from
+    ``balanced_set_indices``) replaces the drawn balanced set by a given one (the regions
+    are then the file's).
     ``threshold``: ACC cut (5.0 for AVA). ``seed``: the balanced long-tail test draw.
     Scores are the distribution means. Keys: acc, plcc, srcc, mse, emd1, emd2, mae_L, mae_M,
     mae_H, lt_mse_all, lt_mse_many, lt_mse_med, lt_mse_few, n. Raises ``ValueError`` when
@@ -284,11 +382,8 @@ def evaluate(
         raise ValueError(f"pred_dist and true_dist differ in shape: {pd_.shape} vs {td.shape}")
     ps, ts = dist_to_score(pd_), dist_to_score(td)
     lmh = lmh_mae(ps, ts)
-    regions = longtail_regions(train_scores, lt_bins, shares=lt_shares)
-    try:
-        lt = longtail_mse(ps, ts, regions, balanced_test_indices(ts, regions, seed))
-    except ValueError:  # a region without test images: no balanced set can be drawn
-        lt = dict.fromkeys(("ALL", *REGIONS))
+    lt = longtail_metrics(ps, ts, train_scores, seed=seed, lt_bins=lt_bins, lt_shares=lt_shares,
+                          lt_edges=lt_edges, lt_indices=lt_indices)
     return {
         "acc": binary_accuracy(ps, ts, threshold),
         "plcc": plcc(ps, ts),

@@ -1,10 +1,11 @@
 """Stage `embed`: open_clip embeddings of every manifest image and every tag.
 
-The image cache is chunked and resumable (a killed run continues where it stopped);
+The image cache is chunked, checksummed and incremental: a killed run continues where it
+stopped, and a changed manifest embeds only the images that are new or whose file changed
+(rows are keyed by image id and file SHA-256, the cache by the model's fingerprint).
 `card.json` records which weights were used so later stages can stamp their results.
 """
 
-import hashlib
 import sys
 from pathlib import Path
 
@@ -46,12 +47,8 @@ def main() -> None:
     # random-init weights (pretrained: none / fallback) are reproducible from the seed
     bundle = load_clip(e.model, e.pretrained, allow_random_fallback=e.allow_random_fallback, seed=p.seed)
     manifest = read_manifest(MANIFEST)
-    fingerprint = {
-        "model": bundle.name,
-        "weights": bundle.weights,
-        "init_seed": p.seed,
-        "manifest_sha256": hashlib.sha256(MANIFEST.read_bytes()).hexdigest(),
-    }
+    # the model's identity only: which images are cached is decided row by row
+    fingerprint = {"model": bundle.name, "weights": bundle.weights, "init_seed": p.seed}
     report = embed_images(
         bundle,
         list(zip(manifest["image_id"], manifest["path"])),

@@ -7,17 +7,18 @@ import pandas as pd
 import torch
 
 from pipelines.config import as_dict
-from pipelines.io import DataError, atomic_path, write_json
-from pipelines.metrics import dist_to_score, evaluate, lmh_mae, srcc
+from pipelines.io import DataError, atomic_path, load_torch, write_json
+from pipelines.metrics import balanced_set_indices, dist_to_score, evaluate, lmh_mae, read_balanced_set, region_edges, srcc
 from pipelines.tracking.runs import stage_run, weights_tags
 from pipelines.tracking import registry
 from pipelines.tracking.scoring import log_scoring_model, make_bundle, requirements
+from pipelines.embed.cache import read_meta
 from pipelines.embed.encode import read_text_embeddings
 from pipelines.train.data import load_features
 from pipelines.train.loops import load_head, predict_logits
 from pipelines.ranking.backbone import cr_card, cr_tags, stamp_cr
 from pipelines.ranking.cr_features import bundle_cr_encoder
-from stages.common import FEATURES, METRICS, MODELS, PLOTS, TAG_EMB, cli, params, stamp, weights_card
+from stages.common import FEATURES, IMAGE_EMB, MODELS, PLOTS, TAG_EMB, cli, params, random_warning, stamp, weights_card, write_metrics
 from stages.cr_features import CR_ENCODER, head_cr_input
 
 MODEL_FILES = {"head": MODELS / "head.pt", "selftrain": MODELS / "selftrain.pt"}
@@ -84,28 +85,52 @@ def _save(fig, path) -> None:
     plt.close(fig)
 
 
+def longtail_options(ev, test_ids) -> dict:
+    """``evaluate()``'s long-tail keywords from ``params.yaml evaluate``: a balanced-set file
+    (``lt_balanced_set``, the TMCR authors' CSV layout) or explicit edges (``lt_edges``), else
+    the default rule on the training scores."""
+    if ev.lt_balanced_set:
+        try:
+            indices, missing = balanced_set_indices(test_ids, read_balanced_set(ev.lt_balanced_set))
+        except (OSError, ValueError) as exc:
+            raise DataError(f"params.yaml evaluate.lt_balanced_set: {exc}") from exc
+        if missing:
+            print(f"evaluate: {missing} images of {ev.lt_balanced_set} are not in the test split; the long-tail MSE uses the rest")
+        return {"lt_indices": indices}
+    if ev.lt_edges is not None:
+        try:
+            region_edges(ev.lt_edges)
+        except ValueError as exc:
+            raise DataError(f"params.yaml evaluate.lt_edges: {exc}") from exc
+        return {"lt_edges": ev.lt_edges}
+    return {}
+
+
 @cli
 def main() -> None:
     p = params()
     card = weights_card()
-    warning = stamp({}, card).get("WARNING")
-    feats = load_features(FEATURES, head_cr_input(MODEL_FILES["head"]))  # E_CR's input: CLIP or CR-feature cache
+    warning = random_warning(card)
+    feats = load_features(FEATURES, head_cr_input(MODEL_FILES["head"]))  # E_CR's input: the CLIP or the CR-feature cache
     train, val, test = feats.split_of("train"), feats.split_of("val"), feats.split_of("test")
     if len(test) < 3:
         raise DataError(f"{FEATURES}: only {len(test)} test images; evaluation needs at least 3.")
     models = {name: load_head(path) for name, path in MODEL_FILES.items()}
+    lt = longtail_options(p.evaluate, test.image_id)
     results, preds, region_rows, val_srcc = {}, {}, [], {}
     for name, model in models.items():
         probs = predict_probs(model, test)
-        results[name] = evaluate(probs, test.dist, train.score, threshold=p.data.threshold, seed=p.seed)
+        results[name] = evaluate(probs, test.dist, train.score, threshold=p.data.threshold, seed=p.seed, **lt)
         preds[name] = dist_to_score(probs)
-        region_rows += [{"model": name, "region": k, "mae": v} for k, v in lmh_mae(preds[name], test.score).items()]
+        # `bar`: one row per (region, model) in `dvc plots` (sorted L, M, H), so the models' bars never overlap
+        region_rows += [{"model": name, "region": k, "mae": v, "bar": f"{i} {k}: {name}"}
+                        for i, (k, v) in enumerate(lmh_mae(preds[name], test.score).items(), 1)]
         val_srcc[name] = float(srcc(dist_to_score(predict_probs(model, val)), val.score)) if len(val) >= 3 else float("nan")
     best = max(val_srcc, key=lambda k: -np.inf if np.isnan(val_srcc[k]) else val_srcc[k])
-    head_state = torch.load(MODEL_FILES[best], map_location="cpu", weights_only=True)
-    cr = cr_card(head_state["arch"].get("cr_input"))
-    metrics = stamp_cr(stamp({**results, "registered_model": best, "val_srcc": val_srcc}, card), cr)
-    write_json(METRICS / "eval.json", metrics)
+    head_state = load_torch(MODEL_FILES[best])
+    cr = cr_card(head_state["arch"].get("cr_input"))  # which E_CR: stamped beside the CLIP weights
+    write_metrics("eval", stamp_cr(stamp({**results, "registered_model": best, "val_srcc": val_srcc}, card), cr), list(results),
+                  random_weights=card["random_weights"], registered_model=best, cr_random_weights=bool(cr.get("cr_random_weights", False)))
 
     PLOTS.mkdir(exist_ok=True)
     pred_table = pd.DataFrame({"image_id": test.image_id, "true_score": test.score, **{f"pred_{k}": v for k, v in preds.items()}})
@@ -124,13 +149,16 @@ def main() -> None:
     tags, kinds, tag_emb = read_text_embeddings(TAG_EMB)
     scale = card["logit_scale"] if p.features.logit_scale else 1.0
     bundle = MODELS / "bundle.pt"
-    cr_encoder = bundle_cr_encoder(torch.load(CR_ENCODER, map_location="cpu", weights_only=True)) if cr["cr_encoder"] == "image" else None
-    make_bundle(bundle, head_state=head_state, card=card, tags=tags, kinds=kinds, tag_emb=tag_emb, logit_scale=scale, cr_encoder=cr_encoder)
+    precision = (read_meta(IMAGE_EMB) or {}).get("precision_used") or "fp32"  # the path the embeddings were made with
+    make_bundle(bundle, head_state=head_state, card=card, tags=tags, kinds=kinds, tag_emb=tag_emb, logit_scale=scale,
+                precision=precision, batch_size=p.embed.batch_size,
+                cr_encoder=bundle_cr_encoder(load_torch(CR_ENCODER)) if cr["cr_encoder"] == "image" else None)
     model_card = stamp_cr({
         "model": best, "data": p.data.name, "clip": card, "test_metrics": results[best], "val_srcc": val_srcc[best],
         "params": {"head": as_dict(p.head), "selftrain": as_dict(p.selftrain)},
     }, cr)
-    with stage_run(p.mlflow, "evaluate", config={"evaluate": as_dict(p.evaluate), "seed": p.seed}, tags={"data": p.data.name, **weights_tags(card), **cr_tags(cr)}):
+    with stage_run(p.mlflow, "evaluate", config={"evaluate": as_dict(p.evaluate), "seed": p.seed},
+                   tags={"data": p.data.name, **weights_tags(card), **cr_tags(cr)}):
         import mlflow
 
         for name, res in results.items():
@@ -138,8 +166,7 @@ def main() -> None:
         for f in ("pred_vs_true.png", "region_mae.png", "tsne.png", "pred_vs_true.csv"):
             mlflow.log_artifact(str(PLOTS / f), "plots")
         if p.evaluate.register:
-            info = log_scoring_model(bundle, card, registered_name=p.mlflow.model_name,
-                                     pip_requirements=requirements(REQUIREMENTS + (("timm",) if cr_encoder else ())))
+            info = log_scoring_model(bundle, card, registered_name=p.mlflow.model_name, pip_requirements=requirements(REQUIREMENTS + (("timm",) if cr["cr_encoder"] == "image" else ())))
             version = str(info.registered_model_version)
             alias = registry.tag_and_promote(
                 p.mlflow.model_name, version, metrics={**results[best], "val_srcc": val_srcc[best]}, dataset=p.data.name,

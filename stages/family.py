@@ -3,8 +3,8 @@ auto-encoder fusion model) on the manifest's images with Ray Train, evaluate it 
 split, and write ``metrics/family.json`` in the shape of ``metrics/eval.json``.
 
 Like ``stages/evaluate.py`` for TMCR, the MLflow run gets the test predictions
-(``predictions/test.csv``) and, when ``evaluate.register`` is true, a pyfunc ``FamilyModel``
-(``pipelines.tracking.scoring``) registered as ``<mlflow.model_name>-<family>`` (e.g.
+(``predictions/test.csv``) and, when ``evaluate.register`` is true, a pyfunc model (``FamilyScorer``,
+logged from code by ``pipelines.tracking.scoring``) registered as ``<mlflow.model_name>-<family>`` (e.g.
 ``tmcr-demo-aesaf``), its version tagged (metrics with ``val_srcc``, ``dataset``,
 ``random_weights``) and promoted to ``champion`` / ``challenger`` on ``val_srcc``
 (``pipelines.tracking.registry``). ``metrics/family.json`` then names it: ``registered``
@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from pipelines.config import ModelParams, Params, as_dict, load_params
-from pipelines.io import DataError, atomic_path, write_json
-from stages.common import MANIFEST, METRICS, MODELS, cli
+from pipelines.io import DataError, atomic_path
+from stages.common import MANIFEST, MODELS, cli, write_metrics
 
 MODEL_OUT = MODELS / "family.pt"
 RANDOM_BACKBONE_WARNING = "RANDOM BACKBONE WEIGHTS (no local checkpoint given): not a real result"
@@ -40,7 +40,7 @@ def registered_name(p: Params, family: str) -> str:
 
 def register_family(p: Params, family: str, test_metrics: dict, val_srcc: float, random_backbone: bool,
                     weights: str | None) -> dict[str, Any]:
-    """Log ``MODEL_OUT`` as a ``FamilyModel`` in the active run, register, tag and promote it (as
+    """Log ``MODEL_OUT`` as a pyfunc family model in the active run, register, tag and promote it (as
     ``stages/evaluate.py`` does for TMCR). Returns ``{"registered": "models:/NAME/VERSION", "alias": ...}``."""
     from pipelines.tracking import registry
     from pipelines.tracking.scoring import log_family_model, requirements
@@ -151,7 +151,7 @@ def run(params_path: str | Path = "params.yaml") -> dict:
         mlflow.log_text(preds.to_csv(index=False), "predictions/test.csv")
         if p.evaluate.register:
             metrics.update(register_family(p, m.family, result, val_srcc, random_backbone, config["options"].get("weights")))
-        write_json(METRICS / "family.json", metrics)
+        write_metrics("family", metrics, [m.family], random_weights=random_backbone)
     return metrics
 
 

@@ -5,14 +5,13 @@ The search scores candidate pairs on a labelled VALIDATION subset only (see
 ground truth, which leaks test labels).
 """
 
-import torch
-
 from pipelines.config import as_dict
-from pipelines.ranking.backbone import cr_card, stamp_cr
 from pipelines.io import write_json, write_parquet
 from pipelines.selftrain.pseudo import pseudo_labels
 from pipelines.tracking.runs import stage_run, weights_tags
-from stages.common import FEATURES, METRICS, MODELS, PSEUDO, cli, params, stamp, weights_card
+from pipelines.io import load_torch
+from pipelines.ranking.backbone import cr_card, cr_tags
+from stages.common import FEATURES, METRICS, MODELS, PSEUDO, cli, params, weights_card
 from stages.cr_features import head_cr_input
 
 
@@ -26,11 +25,11 @@ def main() -> None:
         thresholds=s.thresholds, min_selected=s.min_selected,
     )
     write_parquet(PSEUDO, labels.table())
-    cr = cr_card(torch.load(MODELS / "head.pt", map_location="cpu", weights_only=True)["arch"].get("cr_input"))
-    metrics = stamp_cr(stamp(labels.metrics(), card), cr)
+    cr = cr_card(load_torch(MODELS / "head.pt")["arch"].get("cr_input"))
+    metrics = {**labels.metrics(), "cr_random_weights": bool(cr.get("cr_random_weights", False))}
     write_json(METRICS / "pseudo_search.json", metrics)
     write_json(PSEUDO.parent / "grid.json", labels.search["grid"])
-    with stage_run(p.mlflow, "pseudo_search", config={"pseudo_search": as_dict(s), "seed": p.seed}, tags={"data": p.data.name, **weights_tags(card)}):
+    with stage_run(p.mlflow, "pseudo_search", config={"pseudo_search": as_dict(s), "seed": p.seed}, tags={"data": p.data.name, **weights_tags(card), **cr_tags(cr)}):
         import mlflow
 
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})

@@ -39,18 +39,23 @@ def _takes_param(model, name: str) -> bool:
     return schema is not None and name in {p.name for p in schema.params}
 
 
-def score_files(model, files: list[Path], *, batch_size: int = 16, top_k: int = 3, progress: bool = True) -> pd.DataFrame:
-    """Score ``files`` in batches; a batch that fails as a whole gives each of its rows the error."""
+def score_files(model, files: list[Path], *, batch_size: int = 64, top_k: int = 3, progress: bool = True) -> pd.DataFrame:
+    """Score ``files`` in batches; a batch that fails as a whole gives each of its rows the error.
+
+    The model must have been loaded with a ``path_root`` above ``files`` (``registry.load``).
+    """
     parts = []
     params = {"top_k": top_k} if _takes_param(model, "top_k") else None  # family models take no params
     with tqdm(total=len(files), desc="score", unit="img", disable=not progress) as bar:
         for i in range(0, len(files), batch_size):
             chunk = [str(p) for p in files[i : i + batch_size]]
             try:
-                out = model.predict(pd.DataFrame({"path": chunk}), params=params)
+                absolute = [str(p.absolute()) for p in files[i : i + batch_size]]  # relative paths: to the model's root
+                out = model.predict(pd.DataFrame({"path": absolute}), params=params)
                 out = out.reset_index(drop=True)
             except Exception as exc:  # the model itself failed: report, keep going
-                out = pd.DataFrame({"score": [float("nan")] * len(chunk), "error": [f"{type(exc).__name__}: {exc}"] * len(chunk)})
+                out = pd.DataFrame({"score": pd.Series([None] * len(chunk), dtype=object),
+                                    "error": [f"{type(exc).__name__}: {exc}"] * len(chunk)})
             out.insert(0, "path", chunk)
             parts.append(out)
             bar.update(len(chunk))
@@ -86,7 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--images", required=True, type=Path, help="folder of images (searched recursively)")
     ap.add_argument("--out", required=True, type=Path, help="scores.csv or scores.json")
     ap.add_argument("--tracking-uri", default=None)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=64, help="rows per predict call (the model batches as the embed stage did)")
     ap.add_argument("--top-k", type=int, default=3)
     ap.add_argument("--all-files", action="store_true", help="score every file, not only image suffixes (others get an error row)")
     ap.add_argument("--no-progress", action="store_true")
@@ -113,7 +118,7 @@ def run(argv=None) -> pd.DataFrame:
         raise DataError(f"{args.images}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}); use --all-files to score every file.")
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    model = load(args.model)
+    model = load(args.model, path_root=str(args.images.resolve()))  # paths under --images only
     table = score_files(model, files, batch_size=args.batch_size, top_k=args.top_k, progress=not args.no_progress)
     write_scores(table, args.out)
     n_bad = int(table["error"].notna().sum())

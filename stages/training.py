@@ -9,10 +9,10 @@ import torch
 
 from pipelines.config import TrainParams
 from pipelines.io import atomic_path, write_json
-from pipelines.ranking.backbone import cr_tags, stamp_cr
+from pipelines.ranking.backbone import cr_tags
 from pipelines.tracking.runs import stage_run, tracking_uri, weights_tags
 from pipelines.train.runner import run_training
-from stages.common import METRICS, params, stamp, weights_card
+from stages.common import METRICS, params, weights_card
 
 
 def train_stage(
@@ -48,17 +48,22 @@ def train_stage(
             inputs=[str(i) for i in inputs],
         )
         state = {**state, **(extra or {}), "config": config, "card": card}
-        for key in ("optimizer", "scheduler", "best"):  # resume-only parts
+        for key in ("optimizer", "scheduler", "best", "rng", "metrics"):  # resume-only parts
             state.pop(key, None)
         with atomic_path(model_out) as tmp:
             torch.save(state, tmp)
-        history = mlflow.tracking.MlflowClient().get_run(run.info.run_id).data.metrics
-        metrics = stamp({"final_" + k: v for k, v in history.items() if k != "epoch"}, card)
-        if cr is not None:
+        history = mlflow.tracking.MlflowClient().get_run(run.info.run_id).data.metrics  # last epoch's values
+        # a few numbers for `dvc exp show`: the kept epoch's validation SRCC (else the last loss);
+        # every per-epoch metric is in the MLflow run
+        metrics = {"epochs": state["epoch"] + 1}
+        if "val_srcc" in history:
+            metrics["val_srcc"] = state.get("selected_val_srcc", history["val_srcc"])
+        elif "loss" in history:
+            metrics["loss"] = history["loss"]
+        if cr is not None:  # which E_CR: a boolean here, the names in the run's tags
             cr_card = cr(state)
-            metrics = stamp_cr(metrics, cr_card)
+            metrics["cr_random_weights"] = bool(cr_card.get("cr_random_weights", False))
             mlflow.set_tags(cr_tags(cr_card))
-        metrics["epochs"] = state["epoch"] + 1
         if "selected_epoch" in state:
             metrics["selected_epoch"] = state["selected_epoch"]
         write_json(METRICS / f"{stage}.json", metrics)

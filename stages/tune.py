@@ -25,13 +25,11 @@ import argparse
 import functools
 from pathlib import Path
 
-import yaml
-
-from pipelines.config import Params
+from pipelines.config import Params, read_yaml
 from pipelines.io import DataError, write_parquet
 from pipelines.train.loops import pretrain_loop, supervised_loop
 from pipelines.train.runner import runs_dir
-from pipelines.tune.search import Step, load_space, run_search, write_best
+from pipelines.tune.search import Step, load_space, run_search, trial_table, write_best
 from stages.common import FEATURES, IMAGE_EMB, INDEX, MANIFEST, MODELS, cli
 from stages.head import head_config
 
@@ -146,7 +144,7 @@ def main(argv=None) -> None:
         from stages.family import load_family_params
 
         load_family_params(args.params)  # the model choices, checked before any trial starts
-    raw = yaml.safe_load(Path(args.params).read_text(encoding="utf-8")) or {}
+    raw = read_yaml(args.params, "run from the repository root.")  # YAML 1.2, as DVC reads it
     root = Path.cwd()
     missing = [str(x) for x in NEEDS[space.stage] if not (root / x).exists() and not (x == MODELS / "cr_encoder.pt" and not p.head.use_cr)]
     if missing:
@@ -158,6 +156,8 @@ def main(argv=None) -> None:
     )
     out = Path(args.out or Path("tune") / space.stage)
     paths = write_best(result, out, metric=space.metric)
+    kept = "at each trial's best validation-SRCC epoch" if p.head.keep_best and space.stage != "family" else "at each trial's last epoch"
+    print(f"\n{len(result.trials)} trials, best first ({space.metric} {kept}):\n{trial_table(result, space.metric)}\n")
     print(f"best {space.metric} = {result.best_value:.4f} (trial {result.best_trial})")
     print(f"params fragment: {paths['yaml']}\nsummary: {paths['json']}")
     import json

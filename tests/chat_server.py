@@ -65,6 +65,7 @@ class ChatServer:
         self.fail_after = fail_after
         self.requests = 0
         self.bodies: list[dict[str, Any]] = []
+        self.authorizations: list[str] = []  # the Authorization header of each request
         self._lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -141,6 +142,8 @@ def _handler_for(server: ChatServer) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:  # noqa: N802 (http.server naming)
             length = int(self.headers.get("Content-Length", 0))
             raw = self.rfile.read(length)
+            with server._lock:
+                server.authorizations.append(self.headers.get("Authorization", ""))
             if self.path.rstrip("/") != "/v1/chat/completions":
                 self._send(404, b'{"error": {"message": "not found", "type": "invalid_request_error"}}')
                 return

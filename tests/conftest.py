@@ -30,3 +30,13 @@ def _isolated_mlflow_uri():
         mlflow.set_tracking_uri(before or "")
         if before is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+@pytest.fixture(scope="session")
+def dag_repo(tmp_path_factory):
+    """The tiny DAG of tests/dag_repo.py, run once by `dvc repro` and shared by the slow tests."""
+    from tests.dag_repo import build, cleanup
+
+    dag = build(tmp_path_factory.mktemp("dag"))
+    yield dag
+    cleanup(dag)

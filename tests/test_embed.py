@@ -32,6 +32,7 @@ from pipelines.embed import (
     write_text_embeddings,
 )
 from pipelines.embed import clip as clip_mod
+from pipelines.embed.cache import file_sha256, list_parts
 from pipelines.embed.encode import BUILDERS, FastVisionTower, ImageDecoder, calibrate, micro_batched
 from pipelines.io import DataError
 
@@ -199,10 +200,13 @@ def test_embed_images_skips_bad_files(bundle, photos, bad_files, tmp_path: Path)
     assert report["precision"] == "fp32" and report["img_per_s"] > 0
 
     parts = sorted(tmp_path.glob("part-*.parquet"))
-    assert [p.name for p in parts] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert [p.name[:10] for p in parts] == ["part-00000", "part-00001", "part-00002"]
+    for part in parts:  # each name carries the checksum of the chunk's bytes
+        assert part.name == f"{part.name[:10]}-{file_sha256(part)[:16]}.parquet"
     schema = pq.read_schema(parts[0])
     assert schema.field("image_id").type == pa.string()
     assert schema.field("embedding").type == pa.list_(pa.float32(), 64)
+    assert schema.field("file_sha256").type == pa.string()
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["fingerprint"]["precision"] == "fp32" and meta["fingerprint"]["embed_dim"] == 64
 
@@ -288,7 +292,7 @@ def test_resume_after_sigkill(checkpoint: Path, photos, tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, env=env)
     try:
         deadline = time.monotonic() + 60
-        while not (killed_dir / "part-00000.parquet").exists():
+        while not list(killed_dir.glob("part-00000-*.parquet")):
             assert proc.poll() is None, "embedding subprocess ended before writing a chunk"
             assert time.monotonic() < deadline, "no chunk within 60 s"
             time.sleep(0.01)
@@ -326,12 +330,67 @@ def test_read_cache_errors(bundle, photos, tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not found"):
         read_image_embeddings(tmp_path / "absent")
     embed_images(bundle, photos[:4], tmp_path, chunk_rows=2, precision="fp32", progress=False)
-    (tmp_path / "part-00001.parquet").write_bytes(b"PAR1 garbage")
-    with pytest.raises(DataError, match="part-00001"):
+    list_parts(tmp_path)[1].write_bytes(b"PAR1 garbage")
+    with pytest.raises(DataError, match="part-00001.*does not match its checksum"):
         read_image_embeddings(tmp_path)
     (tmp_path / "meta.json").unlink()
     with pytest.raises(DataError, match="meta.json"):
         read_image_embeddings(tmp_path)
+
+
+def test_corrupt_chunks_are_detected_and_recomputed(bundle, photos, tmp_path: Path) -> None:
+    """A truncated chunk and one with a flipped byte (still valid Parquet) are refused by the
+    reader and recomputed by the next embed run, which reuses every intact chunk."""
+    kw = dict(batch_size=4, chunk_rows=4, precision="fp32", progress=False)
+    embed_images(bundle, photos, tmp_path, **kw)
+    before = by_id(tmp_path)
+    parts = list_parts(tmp_path)
+    truncated, flipped = parts[1], parts[4]
+    truncated.write_bytes(truncated.read_bytes()[:-40])
+    data = bytearray(flipped.read_bytes())
+    table = pq.read_table(flipped)
+    first = np.asarray(table.column("embedding").combine_chunks().flatten()[0].as_py(), np.float32).tobytes()
+    at = bytes(data).index(first)  # a byte inside the first embedding value: the file still parses
+    data[at] ^= 0x10
+    flipped.write_bytes(bytes(data))
+    assert pq.read_table(flipped).num_rows == 4  # Parquet alone does not notice
+    with pytest.raises(DataError, match=f"{truncated.name}.*does not match its checksum"):
+        read_image_embeddings(tmp_path)
+
+    report = embed_images(bundle, photos, tmp_path, **kw)
+    assert sorted(b["part"] for b in report["bad_chunks"]) == sorted([truncated.name, flipped.name])
+    assert (report["n_resumed"], report["n_embedded_now"]) == (len(photos) - 8, 8)
+    after = by_id(tmp_path)
+    assert sorted(after) == sorted(before)
+    for image_id, emb in after.items():
+        np.testing.assert_allclose(emb, before[image_id], atol=1e-6)
+
+
+def test_incremental_embeds_only_new_and_changed_images(bundle, photos, tmp_path: Path) -> None:
+    """Add an image, replace one file's content, drop one id: only the new and the changed image
+    are embedded, and every other row is reused byte for byte."""
+    cache, fresh = tmp_path / "cache", tmp_path / "fresh"
+    kw = dict(batch_size=4, chunk_rows=8, precision="fp32", progress=False)
+    first = photos[:20]
+    embed_images(bundle, first, cache, **kw)
+    before = by_id(cache)
+
+    changed = tmp_path / "changed.jpg"
+    changed.write_bytes(Path(photos[22][1]).read_bytes())
+    items = [(i, str(changed) if i == "p05" else p) for i, p in first if i != "p09"] + [photos[20]]
+    report = embed_images(bundle, items, cache, **kw)
+    assert (report["n_resumed"], report["n_embedded_now"]) == (18, 2)
+    assert (report["n_changed"], report["n_removed"], report["cache_wiped"]) == (1, 1, False)
+    after = by_id(cache)
+    assert sorted(after) == sorted(i for i, _ in items)
+    assert all(np.array_equal(after[i], before[i]) for i in after if i not in ("p05", "p20"))
+    embed_images(bundle, items, fresh, **kw)  # the same as embedding everything from scratch
+    for image_id, emb in by_id(fresh).items():
+        np.testing.assert_allclose(after[image_id], emb, atol=1e-5)
+    assert not np.allclose(after["p05"], before["p05"])
+
+    again = embed_images(bundle, items, cache, **kw)  # nothing new: nothing embedded
+    assert (again["n_resumed"], again["n_embedded_now"]) == (len(items), 0)
 
 
 # --------------------------------------------------------------------------- texts
@@ -366,3 +425,28 @@ def test_random_init_is_reproducible_from_seed_after_failed_hub_load(monkeypatch
     assert fallback.random_weights and direct.random_weights
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_dvc_repro_after_adding_an_image_embeds_only_that_image(dag_repo, tmp_path: Path) -> None:
+    """In a copy of the tiny DAG: one more labelled photo, `dvc repro` of prepare and embed, and the
+    embed stage (its cache a `persist` output, kept by DVC) embeds that photo alone."""
+    import shutil
+
+    repo = tmp_path / "repo"
+    shutil.copytree(dag_repo.repo, repo, symlinks=True)
+    before = by_id(repo / "data/embeddings/images")
+    with Image.open(repo / "data/demo/images/img00000.jpg") as im:
+        im.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(repo / "data/demo/images/img_added.jpg")
+    with open(repo / "data/demo/labels.csv", "a", encoding="utf-8") as fh:
+        fh.write("img_added,train,0,1,2,6,9,6,3,1,0,0\n")
+    for stage in ("prepare", "embed"):
+        proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "-s", stage], cwd=repo, env=dag_repo.env,
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert f"Running stage '{stage}'" in proc.stdout
+    report = json.loads((repo / "data/embeddings/report.json").read_text())
+    assert (report["n_embedded_now"], report["n_resumed"], report["cache_wiped"]) == (1, len(before), False)
+    after = by_id(repo / "data/embeddings/images")
+    assert sorted(after) == sorted([*before, "img_added"])
+    assert all(np.array_equal(after[i], before[i]) for i in before)

@@ -58,7 +58,10 @@ def test_family_stage_trains_and_writes_eval_shaped_metrics(demo, monkeypatch, f
     monkeypatch.setenv("IAA_RUNS_DIR", str(demo / "runs"))
     write_params(demo, base_model(family, **extra))
     metrics = run()
-    on_disk = json.loads((demo / "metrics" / "family.json").read_text())
+    headline = json.loads((demo / "metrics" / "family.json").read_text())
+    assert set(headline) == {family, "random_weights"} and headline["random_weights"] is True
+    assert headline[family]["srcc"] == metrics[family]["srcc"]
+    on_disk = json.loads((demo / "metrics" / "details" / "family.json").read_text())
     assert on_disk["registered_model"] == family and set(on_disk[family]) >= EVAL_KEYS | {"plcc_sd", "srcc_sd"}
     assert on_disk[family]["n"] == metrics[family]["n"] > 0
     assert np.isfinite(on_disk[family]["emd2"]) and 0 <= on_disk[family]["emd2"] < 1
@@ -107,10 +110,10 @@ def check_registered_model(demo: Path, client, run_id: str, family: str, on_disk
     preds = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="predictions/test.csv"))
     assert len(preds) == on_disk[family]["n"]
     paths = [p if Path(p).is_absolute() else str(demo / p) for p in preds["path"]]
-    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion", model_config={"path_root": str(demo)})  # paths under demo/
     out = model.predict(pd.DataFrame({"path": paths}))
     assert list(out.columns) == ["score", "distribution", "error"] and out["error"].isna().all()
-    np.testing.assert_allclose(out["score"].to_numpy(), preds["pred_score"].to_numpy(), atol=1e-4)
+    np.testing.assert_allclose(out["score"].to_numpy(float), preds["pred_score"].to_numpy(), atol=1e-4)
     assert all(len(d) == 10 and sum(d) == pytest.approx(1, abs=1e-5) for d in out["distribution"])
 
     raw = Path(paths[0]).read_bytes()
@@ -119,16 +122,16 @@ def check_registered_model(demo: Path, client, run_id: str, family: str, on_disk
     by = model.predict(pd.DataFrame({"image": [raw, base64.b64encode(raw).decode(), b"junk"]}))
     assert by["score"][0] == pytest.approx(out["score"][0], abs=1e-5)
     assert by["score"][1] == pytest.approx(out["score"][0], abs=1e-5)
-    assert by["error"][2] and np.isnan(by["score"][2]) and by["distribution"][2] is None
+    assert by["error"][2] and by["score"][2] is None and by["distribution"][2] is None
     bad = model.predict(pd.DataFrame({"path": [str(corrupt), paths[1], str(demo / "missing.jpg")]}))
-    assert list(bad["error"].notna()) == [True, False, True] and "No such file" in bad["error"][2]
-    assert bad["score"][1] == pytest.approx(out["score"][1], abs=1e-5) and np.isnan(bad["score"][0])
+    assert list(bad["error"].notna()) == [True, False, True] and "no image file" in bad["error"][2]
+    assert bad["score"][1] == pytest.approx(out["score"][1], abs=1e-5) and bad["score"][0] is None
 
     from stages.score import score_files  # the score CLI sends top_k only to models that take it
 
     table = score_files(model, [Path(p) for p in paths[:3]], batch_size=2, progress=False)
     assert table["error"].isna().all()
-    np.testing.assert_allclose(table["score"].to_numpy(), out["score"].to_numpy()[:3], atol=1e-5)
+    np.testing.assert_allclose(table["score"].to_numpy(float), out["score"].to_numpy(float)[:3], atol=1e-5)
 
 
 def test_unknown_model_key_names_the_dotted_key(demo, monkeypatch, tmp_path):

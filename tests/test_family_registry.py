@@ -23,8 +23,9 @@ from PIL import Image
 from pipelines.io import DataError
 from pipelines.models import build
 from pipelines.models.image_loop import image_tensor, load_image, open_image, predict
+from mlflow.exceptions import MlflowException
+
 from pipelines.tracking.scoring import (
-    FamilyModel,
     family_signature,
     log_family_model,
     read_row_image,
@@ -92,22 +93,22 @@ def test_family_model_scores_like_the_training_predict(tmp_path, store, family, 
     with mlflow.start_run(experiment_id=exp):
         info = log_family_model(tmp_path / "models" / "family.pt", registered_name=None, pip_requirements=["mlflow"])
     assert info.signature == family_signature()
-    pyfunc = mlflow.pyfunc.load_model(info.model_uri)
+    pyfunc = mlflow.pyfunc.load_model(info.model_uri, model_config={"path_root": str(tmp_path)})
     out = pyfunc.predict(pd.DataFrame({"path": paths + [str(tmp_path / "missing.png")]}))
     assert list(out.columns) == ["score", "distribution", "error"]
-    assert list(out["error"].isna()) == [True, True, True, False] and np.isnan(out["score"][3])
+    assert list(out["error"].isna()) == [True, True, True, False] and out["score"][3] is None
     np.testing.assert_allclose(np.stack(out["distribution"][:3]), expected, atol=1e-5)
-    np.testing.assert_allclose(out["score"][:3], expected @ np.arange(1, 11), atol=1e-4)
-    pyfunc.unwrap_python_model().batch_size = 2  # batches of 2 with a bad row inside: same scores, in order
+    np.testing.assert_allclose(out["score"][:3].astype(float), expected @ np.arange(1, 11), atol=1e-4)
+    pyfunc.unwrap_python_model().scorer.batch_size = 2  # batches of 2 with a bad row inside: same scores, in order
     mixed = pyfunc.predict(pd.DataFrame({"path": [paths[2], str(tmp_path / "missing.png"), paths[0], paths[1]]}))
     assert list(mixed["error"].notna()) == [False, True, False, False]
-    np.testing.assert_allclose(mixed["score"][[0, 2, 3]], out["score"][[2, 0, 1]], atol=1e-5)
+    np.testing.assert_allclose(mixed["score"][[0, 2, 3]].astype(float), out["score"][[2, 0, 1]].astype(float), atol=1e-5)
     raw = Path(paths[0]).read_bytes()
     by = pyfunc.predict(pd.DataFrame({"image": [b"junk", raw, base64.b64encode(raw).decode(), "not base64!"]}))
     assert by["score"][1] == pytest.approx(out["score"][0], abs=1e-5) == by["score"][2]
-    assert "UnidentifiedImageError" in by["error"][0] and "base64" in by["error"][3]
-    with pytest.raises(ValueError, match="'path' column"):
-        FamilyModel().predict(None, pd.DataFrame({"file": paths}))
+    assert "not a readable JPEG" in by["error"][0] and "base64" in by["error"][3]
+    with pytest.raises(MlflowException, match="no 'image' or 'path' column; this model reads the columns 'image'"):
+        pyfunc.predict(pd.DataFrame({"file": paths}))  # MLflow drops the unknown column
 
 
 def test_stage_registration_tags_and_promotes_on_val_srcc(tmp_path, store, monkeypatch):
@@ -150,7 +151,7 @@ def test_image_reader_split_and_row_reader(tmp_path):
     assert torch.equal(image_tensor(grey, (5, 5), "short_side"), image_tensor(grey.convert("RGB"), (5, 5), "short_side"))
     with pytest.raises(DataError, match="missing.png: cannot read image"):
         open_image(tmp_path / "missing.png")
-    with pytest.raises(ValueError, match="neither image bytes nor a path"):
+    with pytest.raises(ValueError, match="neither 'image' bytes nor a 'path'"):
         read_row_image(pd.Series({"path": None}))
     # the two signatures share inputs; only TMCR has top tags and a top_k param
     assert family_signature().inputs == signature().inputs and family_signature().params is None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -291,3 +293,91 @@ def test_evaluate_small_test_set_without_a_region_leaves_longtail_empty(rng):
     out = M.evaluate(true[keep], true[keep], train, threshold=5.0)
     assert out["lt_mse_all"] is None and out["lt_mse_few"] is None
     assert out["mse"] == 0.0 and out["n"] == keep.size
+
+
+# ----------------------------------------------------------------------------- authors' long-tail regions
+SHARED = Path(os.environ.get("IAA_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+AVA_MERGED = SHARED / "labels" / "ava" / "ava_merged_labels.csv"
+AUTHORS_CUTS = (3.85, 4.87, 5.88, 6.90)  # TMCR authors' AVA_test_balanced.csv, by the vote mean
+
+
+def _cuts_of(regions, train):
+    """The region boundaries of a bin rule: Many's bin span, and the Med span around it."""
+    edges, lab = np.asarray(regions["edges"]), np.asarray(regions["bin_region"])
+    many, med = np.flatnonzero(lab == "Many"), np.flatnonzero(lab != "Few")
+    assert np.all(np.diff(many) == 1) and np.all(np.diff(med) == 1), "regions must be contiguous here"
+    return edges[med[0]], edges[many[0]], edges[many[-1] + 1], edges[med[-1] + 1]
+
+
+def test_default_rule_reproduces_the_authors_ava_regions():
+    """On AVA's training scores (TANet split) the default rule gives the TMCR authors' released
+    regions: Many [4.87, 5.88], Med [3.85, 4.87) and (5.88, 6.90], each edge within 0.05."""
+    if not AVA_MERGED.exists():
+        pytest.skip(f"real data not available: {AVA_MERGED} (set IAA_SHARED_DATA to the shared data folder)")
+    import pandas as pd
+
+    d = pd.read_csv(AVA_MERGED, usecols=["mean", "split_tanet"])
+    train = d.loc[d["split_tanet"] == "train_inferred", "mean"].to_numpy()
+    assert len(train) > 200_000
+    got = _cuts_of(M.longtail_regions(train), train)
+    assert np.max(np.abs(np.array(got) - AUTHORS_CUTS)) < 0.05, got
+    # the former 60/30 rule was off by 0.34 (Many up to 6.22)
+    old = _cuts_of(M.longtail_regions(train, shares=(0.6, 0.3)), train)
+    assert np.max(np.abs(np.array(old) - AUTHORS_CUTS)) > 0.3
+
+
+def test_region_edges_explicit_cuts_and_closed_sides():
+    reg = M.region_edges(AUTHORS_CUTS)
+    scores = [3.0, 3.85, 4.86, 4.87, 5.88, 5.89, 6.90, 6.91]
+    assert M.score_regions(scores, reg).tolist() == ["Few", "Med", "Med", "Many", "Many", "Med", "Med", "Few"]
+    with pytest.raises(ValueError, match="4 increasing"):
+        M.region_edges([5.0, 4.0, 6.0, 7.0])
+    with pytest.raises(ValueError, match="4 increasing"):
+        M.region_edges([1.0, 2.0, 3.0])
+
+
+def test_evaluate_with_explicit_edges_and_a_balanced_file(rng, tmp_path):
+    true = _votes(rng, 500)
+    pred = _votes(rng, 500)
+    train = M.dist_to_score(_votes(rng, 3000))
+    ts, ps = M.dist_to_score(true), M.dist_to_score(pred)
+    out = M.evaluate(pred, true, train, threshold=5.0, seed=0, lt_edges=AUTHORS_CUTS)
+    reg = M.region_edges(AUTHORS_CUTS)
+    ref = M.longtail_mse(ps, ts, reg, M.balanced_test_indices(ts, reg, 0))
+    assert out["lt_mse_few"] == pytest.approx(ref["Few"]) and out["lt_mse_all"] == pytest.approx(ref["ALL"])
+    # a balanced set in the authors' CSV layout: the file's regions, only the images in the test split
+    bal = M.read_balanced_set(Path(__file__).parent / "assets" / "lt_balanced_sample.csv")
+    assert bal == {"t0": "Few", "t1": "Many", "t2": "Many", "t3": "Med", "t4": "Few", "t5": "Med", "x9": "Med"}
+    ids = [f"t{i}" for i in range(500)]
+    idx, missing = M.balanced_set_indices(ids, bal)
+    assert missing == 1 and {r: v.tolist() for r, v in idx.items()} == {"Many": [1, 2], "Med": [3, 5], "Few": [0, 4]}
+    out = M.evaluate(pred, true, train, threshold=5.0, lt_indices=idx)
+    assert out["lt_mse_many"] == pytest.approx(((ps[[1, 2]] - ts[[1, 2]]) ** 2).mean())
+    assert out["lt_mse_all"] == pytest.approx(((ps[:6] - ts[:6]) ** 2).mean())
+    with pytest.raises(ValueError, match="none of the 7"):
+        M.balanced_set_indices(["zz"], bal)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("image_id,Aesthetic,Shot\n1,5.0,Many\n2,3.0,Tail\n")
+    with pytest.raises(ValueError, match=r"bad.csv:3: Shot 'Tail'"):
+        M.read_balanced_set(bad)
+    bad.write_text("image_id,Aesthetic\n1,5.0\n")
+    with pytest.raises(ValueError, match="missing column"):
+        M.read_balanced_set(bad)
+
+
+def test_evaluate_stage_long_tail_options():
+    from pipelines.config import EvaluateParams
+    from pipelines.io import DataError
+    from stages.evaluate import longtail_options
+
+    assert longtail_options(EvaluateParams(), ["a"]) == {}
+    assert longtail_options(EvaluateParams(lt_edges=list(AUTHORS_CUTS)), ["a"]) == {"lt_edges": list(AUTHORS_CUTS)}
+    with pytest.raises(DataError, match="evaluate.lt_edges"):
+        longtail_options(EvaluateParams(lt_edges=[1.0, 2.0]), ["a"])
+    sample = str(Path(__file__).parent / "assets" / "lt_balanced_sample.csv")
+    got = longtail_options(EvaluateParams(lt_balanced_set=sample), ["t3", "t0", "zz"])
+    assert {r: v.tolist() for r, v in got["lt_indices"].items()} == {"Many": [], "Med": [0], "Few": [1]}
+    with pytest.raises(DataError, match="evaluate.lt_balanced_set"):
+        longtail_options(EvaluateParams(lt_balanced_set=sample), ["zz"])
+    with pytest.raises(DataError, match="evaluate.lt_balanced_set"):
+        longtail_options(EvaluateParams(lt_balanced_set="no/such.csv"), ["zz"])

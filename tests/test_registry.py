@@ -136,29 +136,127 @@ def test_uris_load_and_score_rows(store):
         registry.parse_uri("runs:/abc/model")
 
     files = write_images(tmp / "imgs")
-    model = registry.load(f"models:/{name}@champion")
-    same = registry.load(f"models:/{name}/1")
-    df = pd.DataFrame({"path": [str(files["ok0"]), str(files["text"]), str(files["ok1"]), str(tmp / "missing.png")]})
-    out = model.predict(df, params={"top_k": 2})
-    assert list(out["error"].isna()) == [True, False, True, False]
-    assert "UnidentifiedImageError" in out["error"][1] and "No such file" in out["error"][3]
+    model = registry.load(f"models:/{name}@champion", path_root=tmp / "imgs")
+    same = registry.load(f"models:/{name}/1", path_root=tmp / "imgs")
+    paths = [str(files["ok0"]), str(files["text"]), "ok1.png", str(tmp / "imgs" / "missing.png"), "../mlflow.db", "/etc/hostname"]
+    out = model.predict(pd.DataFrame({"path": paths}), params={"top_k": 2})  # "ok1.png": relative to the root
+    assert out["score"].dtype == object and list(out["error"].isna()) == [True, False, True, False, False, False]
+    assert "not a readable JPEG, PNG" in out["error"][1] and "12 bytes, starting 6e 6f 74" in out["error"][1]
+    assert "no image file" in out["error"][3]
+    assert out["error"][4] == out["error"][5] == "'path' must name a file under the serving path root."
+    assert all(out["score"][i] is None and out["distribution"][i] is None for i in (1, 3, 4, 5))  # null, never NaN
     ok = out[out["error"].isna()]
-    assert ok["score"].between(1, 10).all()
+    assert all(1 <= s <= 10 for s in ok["score"])
     for d, sem, attr in zip(ok["distribution"], ok["top_semantic"], ok["top_attribute"]):
         assert len(d) == 10 and sum(d) == pytest.approx(1, abs=1e-5)
         assert len(sem) == 2 and set(sem) <= set(SEM) and len(attr) == 2 and set(attr) <= set(ATTR)
     # the same weights behind the alias and the version; different images score differently
-    out2 = same.predict(df.iloc[[0, 2]])
-    assert np.allclose(out2["score"], ok["score"])
+    out2 = same.predict(pd.DataFrame({"path": [paths[0], paths[2]]}))
+    assert np.allclose(out2["score"].astype(float), ok["score"].astype(float))
     assert not np.isclose(ok["score"].iloc[0], ok["score"].iloc[1])
     # bytes input (and base64 text, as JSON clients send it) gives the same score as the path
     import base64
 
     raw = files["ok0"].read_bytes()
-    by = model.predict(pd.DataFrame({"image": [raw, base64.b64encode(raw).decode(), b"junk"]}))
+    by = registry.load(f"models:/{name}/1").predict(pd.DataFrame({"image": [raw, base64.b64encode(raw).decode(), b"junk", raw[:100]],
+                                                                  "path": [None, None, None, str(files["ok0"])]}))
     assert by["score"][0] == pytest.approx(ok["score"].iloc[0], abs=1e-5)
     assert by["score"][1] == pytest.approx(ok["score"].iloc[0], abs=1e-5)
-    assert by["error"][2] is not None and np.isnan(by["score"][2])
+    assert by["score"][2] is None and "4 bytes" in by["error"][2]
+    assert by["error"][3] == "cannot decode the PNG image (OSError: image file is truncated)."  # 'image' wins over 'path'
+    # without a path root (the default when serving) paths are refused, naming the rule and the fix
+    refused = registry.load(f"models:/{name}/1").predict(pd.DataFrame({"path": [paths[0]]}))
+    assert refused["score"][0] is None and "'path' inputs are off" in refused["error"][0] and "IAA_SERVE_PATH_ROOT" in refused["error"][0]
+
+
+def test_pickled_model_files_are_refused(store, tmp_path):
+    """A model file (bundle, family state, checkpoint) holding a pickled object is not loaded, and
+    neither is a registered pyfunc model that is a pickled Python object (not logged from code)."""
+    from pipelines.io import load_torch
+    from pipelines.tracking.scoring import ScoringModel
+
+    uri, _, tmp = store
+    build_bundle(tmp_path / "bundle.pt")
+    bundle = load_torch(tmp_path / "bundle.pt")  # what make_bundle writes is plain data
+    assert isinstance(bundle["tag_emb"], torch.Tensor) and bundle["precision"] == "fp32"
+    torch.save({**bundle, "tag_emb": bundle["tag_emb"].numpy()}, tmp_path / "old.pt")  # a numpy array: pickled
+    with pytest.raises(DataError, match=rf"{tmp_path / 'old.pt'}: holds a pickled Python object \(numpy"):
+        load_torch(tmp_path / "old.pt")
+    context = mlflow.pyfunc.PythonModelContext(artifacts={"bundle": str(tmp_path / "old.pt")}, model_config=None)
+    with pytest.raises(DataError, match="old.pt: holds a pickled Python object"):
+        ScoringModel().load_context(context)
+
+    class Payload:  # what a hostile file would carry: unpickling it calls os.system
+        def __reduce__(self):
+            import os
+
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    torch.save({"arch": {}, "model": Payload()}, tmp_path / "family.pt")
+    with pytest.raises(DataError, match=r"family.pt: holds a pickled Python object \((posix|os)\.system\)"):
+        ScoringModel().load_context(mlflow.pyfunc.PythonModelContext(artifacts={"family": str(tmp_path / "family.pt")}, model_config=None))
+    assert not (tmp_path / "pwned").exists()
+
+    with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("reg").experiment_id):
+        info = mlflow.pyfunc.log_model(name="pickled", python_model=ScoringModel(), artifacts={"bundle": str(tmp_path / "bundle.pt")})
+    mlflow.register_model(info.model_uri, "pickled")
+    with pytest.raises(DataError, match="models:/pickled/1: its pyfunc model is a pickled Python object"):
+        registry.load("models:/pickled/1")
+
+
+def test_registered_model_scores_with_the_pipeline_numerics(tmp_path):
+    """The scorer embeds on the embed stage's precision path (int8 here) in its batches, so it
+    gives the scores evaluate computes from the embedding cache; one image per request (other
+    int8 activation scales) stays within the bound the README states."""
+    from pipelines.embed.cache import read_image_embeddings, read_meta
+    from pipelines.embed.clip import load_clip
+    from pipelines.embed.encode import embed_images, read_text_embeddings, write_text_embeddings
+    from pipelines.embed.encode import embed_texts
+    from pipelines.metrics import dist_to_score
+    from pipelines.semantics import tag_matching
+    from pipelines.tracking.scoring import ScoringModel
+    from pipelines.train.loops import head_from_arch, predict_logits
+
+    rng = np.random.default_rng(3)
+    paths = []
+    for i in range(24):  # smooth-ish random images of several sizes, PNG and JPEG
+        small = rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)
+        im = Image.fromarray(small).resize((48 + 4 * (i % 5), 64 + 8 * (i % 3)), Image.BICUBIC)
+        paths.append(tmp_path / f"im{i}.{'png' if i % 2 else 'jpg'}")
+        im.save(paths[-1])
+    clip = load_clip(TINY_CLIP, "none", seed=CARD["init_seed"])
+    embed_images(clip, [(p.stem, str(p)) for p in paths], tmp_path / "cache", batch_size=64, num_workers=0,
+                 precision="int8", progress=False)
+    ids, emb = read_image_embeddings(tmp_path / "cache")
+    precision = read_meta(tmp_path / "cache")["precision_used"]
+    assert precision == "int8" and ids == [p.stem for p in paths]
+    write_text_embeddings(tmp_path / "tags.parquet", SEM + ATTR, ["semantic"] * 4 + ["attribute"] * 3, embed_texts(clip, SEM + ATTR))
+    tags, kinds, tag_emb = read_text_embeddings(tmp_path / "tags.parquet")
+    arch = {"tm_in": len(tags), "n_levels": 10, "cr_spec": {"in_dim": clip.embed_dim, "hidden": 16, "dim": 8, "dropout": 0.0}, "head": HEAD}
+    torch.manual_seed(1)
+    head = head_from_arch(arch).eval()
+    # what the features + evaluate stages compute from the cache
+    tm = np.concatenate(tag_matching(emb, tag_emb, kinds, scale=100.0), 1)
+    expected = dist_to_score(torch.softmax(torch.from_numpy(predict_logits(head, tm, emb)), 1).numpy())
+
+    def scorer(precision: str) -> ScoringModel:
+        make_bundle(tmp_path / f"{precision}.pt", head_state={"arch": arch, "model": head.state_dict()}, card=CARD, tags=tags,
+                    kinds=kinds, tag_emb=tag_emb, logit_scale=100.0, precision=precision, batch_size=64)
+        model = ScoringModel()
+        model.load_context(mlflow.pyfunc.PythonModelContext(
+            artifacts={"bundle": str(tmp_path / f"{precision}.pt"), "clip_config": TINY_CLIP}, model_config={"path_root": str(tmp_path)}))
+        return model
+
+    request = pd.DataFrame({"path": [p.name for p in paths]})
+    int8 = scorer("int8")
+    batched = int8.predict(None, request)["score"].to_numpy(float)
+    np.testing.assert_allclose(batched, expected, rtol=0, atol=1e-6)  # the same batch: the same numbers
+    single = np.array([int8.predict(None, request.iloc[[i]])["score"][0] for i in range(len(paths))])
+    fp32 = scorer("fp32").predict(None, request)["score"].to_numpy(float)
+    diff_single, diff_fp32 = np.abs(single - expected).max(), np.abs(fp32 - expected).max()
+    print(f"max |score - pipeline|: int8 batched {np.abs(batched - expected).max():.2g}, int8 one per request "
+          f"{diff_single:.2g}, fp32 {diff_fp32:.2g}")
+    assert diff_single <= 0.01 and diff_fp32 <= 0.05
 
 
 def test_score_cli_csv_and_json(store, capsys):

@@ -174,7 +174,7 @@ def test_family_search_tunes_model_params(tmp_path, monkeypatch, ray_2cpu):
     uri = setup(MlflowParams(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_root=str(tmp_path / "art"), experiment="tune-fam"))
     space = load_space(write_space(
         tmp_path / "space.yaml", stage="family", scheduler={"type": "fifo"}, fixed={"model.epochs": 2},
-        space={"model.lr": {"grid": [1.0e-4, 3.0e-3]}},
+        space={"model.lr": {"grid": [1.0e-4, 3.0e-3]}}, max_concurrent=1,
     ))
     result = run_search(space, raw, functools.partial(family_steps, root=str(tmp_path)), tracking_uri=uri,
                         experiment="tune-fam", work_dir=tmp_path / "runs", name="fam")
@@ -185,8 +185,42 @@ def test_family_search_tunes_model_params(tmp_path, monkeypatch, ray_2cpu):
     exp = client.get_experiment_by_name("tune-fam")
     children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
     assert len(children) == 2
+    # max_concurrent: 1 on 2 CPUs (room for two): the trials ran one after the other
+    first, second = sorted(children, key=lambda r: r.info.start_time)
+    assert max(m.timestamp for m in client.get_metric_history(first.info.run_id, "val_srcc")) <= second.info.start_time
     for r in children:  # the image loop's per-epoch metrics, precision state included
         assert len(client.get_metric_history(r.info.run_id, "val_srcc")) == 2
         assert len(client.get_metric_history(r.info.run_id, "mixed_precision")) == 2
     summary = json.loads(write_best(result, tmp_path / "out", metric="val_srcc")["json"].read_text())
     assert f"model.lr={result.best_params['model.lr']}" in summary["set_args"]
+
+
+def test_trials_rank_by_the_epoch_the_stage_keeps():
+    """With head.keep_best the stage keeps its best validation-SRCC epoch, so a trial that peaked
+    at 0.38 beats one that ends higher than the first one's last epoch (0.339) but never peaks."""
+    from pipelines.tune.search import kept_result
+
+    peaked = [{"epoch": e, "val_srcc": v, "val_emd2": 0.1 + e} for e, v in enumerate([0.2, 0.38, 0.35, 0.339])]
+    steady = [{"epoch": e, "val_srcc": v, "val_emd2": 0.2} for e, v in enumerate([0.1, 0.3, 0.35, 0.36])]
+    assert kept_result(peaked, "val_srcc", keep_best=True) == (0.38, 1)
+    assert kept_result(steady, "val_srcc", keep_best=True) == (0.36, 3)
+    assert kept_result(peaked, "val_srcc", keep_best=False) == (0.339, 3)
+    # another metric is read at the kept (best-SRCC) epoch, not at its own optimum
+    assert kept_result(peaked, "val_emd2", keep_best=True) == (1.1, 1)
+    assert kept_result([{"training_iteration": 1, "val_srcc": float("nan")}], "val_srcc", keep_best=True) == (None, None)
+    assert kept_result([{"training_iteration": 2, "val_srcc": 0.5}], "val_srcc", keep_best=False) == (0.5, 1)
+
+
+def test_trial_table_lists_every_trial_best_first():
+    from pipelines.tune.search import SearchResult, trial_table
+
+    trials = [
+        {"trial_id": "a1", "params": {"head.lr": 0.01, "head.tfa": True}, "epochs": 4, "val_srcc": 0.38, "selected_epoch": 1, "error": None},
+        {"trial_id": "b2", "params": {"head.lr": 1e-4, "head.tfa": False}, "epochs": 2, "val_srcc": 0.2, "selected_epoch": 0, "error": None},
+        {"trial_id": "c3", "params": {"head.lr": 1e-3, "head.tfa": False}, "epochs": 0, "val_srcc": None, "selected_epoch": None, "error": "boom"},
+    ]
+    table = trial_table(SearchResult({}, 0.38, "a1", trials, "p"), "val_srcc").splitlines()
+    assert table[0].split() == ["trial", "head.lr", "head.tfa", "val_srcc", "epoch", "epochs", "run", "note"]
+    assert table[2].split() == ["a1", "0.01", "True", "0.3800", "1", "4", "best"]
+    assert table[3].split() == ["b2", "0.0001", "False", "0.2000", "0", "2"]
+    assert table[4].split() == ["c3", "0.001", "False", "-", "-", "0", "error"]

@@ -53,6 +53,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipelines.embed.cache import (
+    file_sha256,
     normalise_fingerprint,
     open_cache,
     read_image_embeddings,
@@ -108,6 +109,10 @@ class ImageDecoder:
         """Decode one image (RGB) and apply the per-image transforms. Raises on bad files."""
         with Image.open(path) as im:
             im = im.convert("RGB")
+        return self.transform(im)
+
+    def transform(self, im: Image.Image) -> np.ndarray | torch.Tensor:
+        """The per-image transforms of a decoded RGB image (``load`` after decoding)."""
         if self.pil_stage is None:
             return self.preprocess(im)
         for step in self.pil_stage:
@@ -525,13 +530,17 @@ def embed_images(
 ) -> dict[str, Any]:
     """Embed ``items`` ((image_id, path) pairs) into the chunked Parquet cache ``out_dir``.
 
-    Resumes a cache with the same fingerprint (the bundle's model/weights/embed_dim,
-    ``precision`` and the caller's ``fingerprint``), wipes one with a different fingerprint.
-    Unreadable images are skipped and listed in the report.
+    Incremental within one fingerprint (the bundle's model/weights/embed_dim, ``precision``
+    and the caller's ``fingerprint``): a cached row is reused while its image id is in
+    ``items`` and its file has the same SHA-256, so a killed run resumes and a grown or
+    edited manifest embeds only its new or changed images. A different fingerprint wipes
+    the cache. Unreadable images are skipped and listed in the report.
 
     Returns:
-        A report: n_total, n_embedded_now, n_resumed, n_skipped, skipped (image_id, path,
-        error), img_per_s, precision (the path used), calibration, seconds.
+        A report: n_total, n_embedded_now, n_resumed (rows reused), n_changed (re-embedded
+        because the file changed), n_removed (dropped: no longer in ``items``), bad_chunks
+        (deleted for a checksum mismatch, then recomputed), n_skipped, skipped (image_id,
+        path, error), img_per_s, precision (the path used), calibration, seconds.
 
     Raises:
         DataError: bad arguments, duplicate ids, the image directory is missing, or every
@@ -546,7 +555,8 @@ def embed_images(
     _check_items(items)
 
     fp = normalise_fingerprint({**bundle.fingerprint(), **(fingerprint or {}), "precision": precision})
-    state = open_cache(out_dir, fp, wanted={image_id for image_id, _ in items})
+    hashes = file_hashes([path for _, path in items], num_workers)
+    state = open_cache(out_dir, fp, wanted={image_id: hashes[path] for image_id, path in items})
     pending = [item for item in items if item[0] not in state.done]
     meta = state.meta
     used = precision if precision != "auto" else (meta or {}).get("precision_used")
@@ -557,6 +567,7 @@ def embed_images(
     skipped: list[dict[str, str]] = []
     buf_ids: list[str] = []
     buf_emb: list[np.ndarray] = []
+    path_of = dict(pending)
     index, n_now, calib_s, setup_s = state.next_index, 0, 0.0, 0.0
     bar = tqdm(total=len(pending), unit="img", desc="embed images", disable=not progress)
     loop_start = time.perf_counter()
@@ -585,11 +596,12 @@ def embed_images(
         bar.update(len(batch.ids))
         while len(buf_ids) >= chunk_rows:
             emb = np.concatenate(buf_emb)
-            write_chunk(out_dir, index, buf_ids[:chunk_rows], emb[:chunk_rows])
+            ids = buf_ids[:chunk_rows]
+            write_chunk(out_dir, index, ids, emb[:chunk_rows], [hashes[path_of[i]] for i in ids])
             index += 1
             buf_ids, buf_emb = buf_ids[chunk_rows:], [emb[chunk_rows:]]
     if buf_ids:
-        write_chunk(out_dir, index, buf_ids, np.concatenate(buf_emb))
+        write_chunk(out_dir, index, buf_ids, np.concatenate(buf_emb), [hashes[path_of[i]] for i in buf_ids])
     loop_s = time.perf_counter() - loop_start - setup_s  # excludes calibration, path set-up
     bar.close()
     if meta is None:  # nothing was embedded this run: still mark the directory as a cache
@@ -606,6 +618,9 @@ def embed_images(
         "n_total": len(items),
         "n_embedded_now": n_now,
         "n_resumed": len(state.done),
+        "n_changed": state.n_changed,
+        "n_removed": state.n_removed,
+        "bad_chunks": state.bad_chunks,
         "n_skipped": len(skipped),
         "skipped": skipped,
         "img_per_s": n_now / loop_s if n_now and loop_s > 0 else None,
@@ -617,6 +632,21 @@ def embed_images(
         "cache_wiped": state.wiped,
         "seconds": time.perf_counter() - started,
     }
+
+
+def file_hashes(paths: Sequence[str], num_workers: int) -> dict[str, str | None]:
+    """SHA-256 of each file (None when it cannot be read), ``num_workers`` threads at a time."""
+
+    def digest(path: str) -> str | None:
+        try:
+            return file_sha256(path)
+        except OSError:
+            return None
+
+    if num_workers <= 1:
+        return {p: digest(p) for p in paths}
+    with ThreadPoolExecutor(num_workers, thread_name_prefix="hash") as pool:
+        return dict(zip(paths, pool.map(digest, paths), strict=True))
 
 
 def _check_items(items: list[tuple[str, str]]) -> None:

@@ -48,3 +48,14 @@ def flsa_loss(features: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     gap = (s[:, None] - s[None, :]).abs()
     m_l = torch.where(rng > 0, 1.0 - gap / torch.where(rng > 0, rng, torch.ones_like(rng)), torch.ones_like(gap))
     return F.mse_loss(m_f, m_l)
+
+
+def masked_mean_loss(loss_fn, pred: torch.Tensor, target: torch.Tensor, *, n_total: int) -> torch.Tensor:
+    """A batch-mean loss over the ``len(pred)`` kept rows, re-expressed as a mean over
+    ``n_total`` rows whose other rows contribute zero: ``loss_fn(pred, target) * len(pred) / n_total``
+    (ELTA eq. 10's indicator-weighted mean). ``loss_fn`` must average over the batch."""
+    if n_total < len(pred) or n_total <= 0:
+        raise ValueError(f"n_total must be >= the {len(pred)} kept rows and > 0, got {n_total}")
+    if len(pred) == 0:
+        return torch.zeros((), device=pred.device)
+    return loss_fn(pred, target) * (len(pred) / n_total)

@@ -3,6 +3,10 @@ the minority (scores far from the batch mean) and pairs samples of similar score
 
 Sampling is done on the CPU in float64 (a batch is small), so ``generator`` must be a CPU
 ``torch.Generator``; the mixing itself runs on the features' device and keeps their gradient.
+
+Defaults: ``tau1 = 0.2`` and ``tau2 = 4.0``, where ELTA's Fig. 5 (AVA) puts the best SRCC. The
+paper gives no number of mixed samples per batch; ``DEFAULT_N_MIX`` is this project's choice,
+made by a sweep on the real-feature benchmark's validation split (README, "Choices").
 """
 
 from __future__ import annotations
@@ -12,8 +16,12 @@ import torch
 # |s_i - s_j| below this counts as a tie in eq. 3 (see ``partner_probs``).
 _TIE = 1e-12
 
+TAU1 = 0.2  # ELTA Fig. 5: best SRCC on AVA
+TAU2 = 4.0  # ELTA Fig. 5
+DEFAULT_N_MIX = 4  # not in the paper: chosen on DEV val (benchmarks/results/real_tfa_sweep.json)
 
-def first_sample_probs(scores: torch.Tensor, tau1: float = 0.5) -> torch.Tensor:
+
+def first_sample_probs(scores: torch.Tensor, tau1: float = TAU1) -> torch.Tensor:
     """ELTA eq. 2: ``P(i) = softmax_i(|mean(s) - s_i| / tau1)`` over the batch (float64)."""
     if tau1 <= 0:
         raise ValueError(f"tau1 must be > 0, got {tau1}")
@@ -21,7 +29,7 @@ def first_sample_probs(scores: torch.Tensor, tau1: float = 0.5) -> torch.Tensor:
     return torch.softmax((s.mean() - s).abs() / tau1, dim=0)
 
 
-def partner_probs(scores: torch.Tensor, first: torch.Tensor, tau2: float = 2.0) -> torch.Tensor:
+def partner_probs(scores: torch.Tensor, first: torch.Tensor, tau2: float = TAU2) -> torch.Tensor:
     """ELTA eq. 3: ``P(j|i) ∝ exp(tau2 / |s_i - s_j|)`` over ``j != i``, one row per i in ``first``.
 
     Ties: as ``|s_i - s_j| -> 0`` the weight ``exp(tau2 / |s_i - s_j|)`` grows without bound,
@@ -47,9 +55,9 @@ def partner_probs(scores: torch.Tensor, first: torch.Tensor, tau2: float = 2.0) 
 def tfa_sample_pairs(
     scores: torch.Tensor,
     *,
-    tau1: float = 0.5,
-    tau2: float = 2.0,
-    n_mix: int = 1,
+    tau1: float = TAU1,
+    tau2: float = TAU2,
+    n_mix: int = DEFAULT_N_MIX,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Draw ``n_mix`` pairs: ``i ~ P(i)`` (eq. 2), ``j ~ P(j|i)`` (eq. 3), independently per pair
@@ -75,16 +83,16 @@ def tfa_mix(
     targets: torch.Tensor | None,
     scores: torch.Tensor,
     *,
-    tau1: float = 0.5,
-    tau2: float = 2.0,
-    n_mix: int = 1,
+    tau1: float = TAU1,
+    tau2: float = TAU2,
+    n_mix: int = DEFAULT_N_MIX,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """ELTA eq. 1: ``z~ = lam z_i + (1 - lam) z_j``, and the same mix of targets and scores.
 
     ``features`` (B, D) keep their gradient; ``targets`` (B, L) distributions (or ``None``
     for score-only data); ``scores`` (B,). Returns ``n_mix`` mixed rows of each; the caller
-    appends them to the batch (authors: ``n_mix=1``, tau1 0.5, tau2 2).
+    appends them to the batch. ELTA gives tau1 0.2 and tau2 4.0 (Fig. 5) and no mix count.
     """
     if features.shape[0] != scores.shape[0] or (targets is not None and targets.shape[0] != scores.shape[0]):
         raise ValueError("features, targets and scores must share the batch dimension")

@@ -44,6 +44,8 @@ from pipelines.tracking.runs import EpochLogger
 from pipelines.train.runner import (
     load_resume_state,
     report_epoch,
+    restore_rng,
+    rng_state,
     sync_gradients,
     worker_info,
 )
@@ -150,6 +152,7 @@ def image_family_loop(config: dict) -> None:
         opt.load_state_dict(state["optimizer"])
         trainer.load_state_dict(state["amp"])
         start = state["epoch"] + 1
+        restore_rng(state.get("rng"), gen)
     bs = config["batch_size"]
     n_batches = max(1, math.ceil(len(train) / bs / world))
     arch = {"family": config["family"], "options": options, "n_levels": n_levels, "image_size": config["image_size"],
@@ -200,6 +203,7 @@ def image_family_loop(config: dict) -> None:
             state = {
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "amp": trainer.state_dict(),
                 "epoch": epoch, "arch": arch, "started_at_epoch": start, "switch_epoch": gate.switch_epoch,
+                "rng": rng_state(gen), "metrics": metrics,
             }
         report_epoch(metrics, state, config, rank)
 

@@ -32,7 +32,7 @@ import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 STOPWORDS: frozenset[str] = frozenset(
     """
@@ -69,15 +69,18 @@ STOPWORDS: frozenset[str] = frozenset(
     big old new young short long tall dead lost particular unique unusual obvious minor major
     proper wrong worth worthy potential personal tough poor due next end sort course reason
     example type aspect factor change effort mind win guess bet kinda imho omg ten half
+    whenever wherever anymore alot kindof sorta till til sic teh shouldnt wouldnt couldnt arent
+    wasnt werent hasnt havent youll theyre last
     """.split()
 )
 """Function words plus comment filler (verbs of opinion, praise, position words). Heuristic."""
 
 LY_NOUNS: frozenset[str] = frozenset(
-    """anomaly assembly belly butterfly dragonfly family firefly folly holly italy jelly july lily
-    monopoly rally supply""".split()
+    """anomaly assembly belly bully butterfly dragonfly family firefly folly gully holly italy jelly
+    july lily monopoly rally supply""".split()
 )
-"""Nouns that end in -ly; other 6+ letter -ly words are taken for adverbs and never counted."""
+"""Nouns that end in -ly; other 5+ letter -ly words are taken for adverbs ("sadly", "badly")
+and never counted."""
 
 CONNECTORS: frozenset[str] = frozenset({"of", "and"})
 """Stopwords allowed *inside* an n-gram ("cup of coffee", "black and white")."""
@@ -97,16 +100,85 @@ ATTRIBUTE_STEMS: tuple[str, ...] = tuple(
     shutter silhouett simple simplic soft space speed straight style symmetr technical telephoto
     texture tilt timing tonal tone toning vantage vertical vibran viewpoint vignet vivid warm
     washed wide zoom
+    aesthetic appeal appetiz artsy average awkward bland bold boring charm cheerful chaotic
+    circular classic curv decent delectab delicate delicious depress dizz disorient dreamy eerie
+    elegan emotive energetic ethereal evocative gloom glossy graceful gritty grung haunting
+    intimate intrigu joyful lively lovel matte mediocre melanchol messy monoton moody mysterious
+    mystique nostalgi painterly peaceful playful pleasant pleasing powerful pretti retro
+    romantic rough serenity shiny silky smooth somber spooky spontaneous stiff striking subtle
+    surreal sweet tasty tension tragic tranquil vintage whimsical yummy
+    acceptab adequa competent mouthwater superb terrific spectacular
+    translucen transparen uniform
+    black white red green blue yellow orange purple pink brown grey gray cyan magenta teal
+    golden silver violet sepia monochrome turquoise amber crimson beige tint
     """.split()
 )
-"""Stems of aesthetic-attribute words, matched as token prefixes. Heuristic and incomplete."""
+"""Stems of aesthetic-attribute words, matched as token prefixes: technique and composition,
+light, colour (the colour names), texture and shape, mood, and the evaluative words of photo
+critique ("bland", "striking", "acceptable"). Heuristic and incomplete."""
+
+META_WORDS: frozenset[str] = frozenset(
+    """
+    photo photograph photography photographer pic picture image shot snap snapshot entry
+    challenge dpc dpchallenge vote voter voting score scoring ribbon contender winner submission
+    title subject matter impression idea choice opinion viewer critique criticism comment
+    suggestion attempt version series concept theme topic element interest attention success
+    taste rendition treatment description demonstration standpoint word amount stuff rest
+    couple tad plus com www http kenrockwell camera software histogram monopod tripod photoshop
+    skill vision intention insight judgement judgment flair effort job try work
+    """.split()
+)
+GENERIC_NOUNS: frozenset[str] = frozenset(
+    """
+    setting mode system range combination variety mix number quantity degree level amount
+    portion section region aspect feature factor item sort kind type way thing lot use lack
+    sense part side piece bit area spot place position direction balance basis input output
+    name date list rule hint glimpse touch inch foot meter size length width height distance
+    time moment day year hour minute second while instance case example reason purpose result
+    effect problem issue question answer point fact detail step process method approach
+    """.split()
+)
+"""Abstract nouns of critique talk ("colour combination", "exposure mode"): not content. Alone
+they are no tag; with a quality modifier, the phrase is an attribute. Heuristic."""
+
+ABSTRACT_SUFFIXES: tuple[str, ...] = ("tion", "sion", "ment", "ity", "ance", "ence", "ism", "ship", "hood", "est")
+"""Suffixes of abstract nouns ("inclusion", "judgement", "resemblance") and superlatives
+("hardest"): such a word is not content (except :data:`CONCRETE_EXCEPTIONS`)."""
+
+CONCRETE_EXCEPTIONS: frozenset[str] = frozenset(
+    """
+    station potion lotion ornament monument instrument garment pavement apartment basement cement
+    tournament ambulance audience residence city forest chest nest crest vest harvest ship
+    friendship fence entrance
+    """.split()
+)
+
+"""Words about the photo as an entry, the contest, the critic or the photographer's tools:
+neither content nor a quality of the picture. A candidate with one of them as its head is not
+a tag unless a quality word modifies it ("striking image" is an attribute). Heuristic."""
+
+DETERMINERS: frozenset[str] = frozenset(
+    "a an the this that these those his her their its my your our some each every no any another".split()
+)
+INTENSIFIERS: frozenset[str] = frozenset(
+    """very too so quite rather bit slightly somewhat extremely really pretty more less most
+    overly fairly kinda incredibly little as is are was were be been being look looks looked
+    looking seem seems seemed feel feels felt appear appears appeared become becomes stay remain
+    remains get gets getting got""".split()
+)
+VERB_CUES: frozenset[str] = frozenset(
+    """to would could should will can might must i you we they don't didn't doesn't cannot can't
+    won't wouldn't couldn't shouldn't dont didnt cant wont please""".split()
+)
+"""Context words: before a noun (determiners), an adjective (intensifiers and copulas: "too
+dark", "looks soft") or a verb ("to capture", "you could")."""
 
 ATTRIBUTE_WORDS: frozenset[str] = frozenset(
     {"lit", "backlit", "sidelit", "unlit", "cast", "pop", "line", "center", "centre"}
 )
 """Attribute words matched whole, not as prefixes ("lit" would catch "literally", "line" "linen")."""
 
-ATTRIBUTE_PREFIXES: tuple[str, ...] = ("", "over", "under", "un", "de", "re", "well", "back", "mis")
+ATTRIBUTE_PREFIXES: tuple[str, ...] = ("", "over", "under", "un", "de", "re", "well", "back", "mis", "mid")
 """Prefixes allowed before a stem ("overexposed", "unsharp", "defocus", "backlight")."""
 
 NOT_ATTRIBUTE: frozenset[str] = frozenset(
@@ -241,7 +313,7 @@ def is_content(token: str) -> bool:
     """A token that may start or end a candidate: a known phrase, or a 3+ letter non-stopword."""
     if " " in token:
         return True
-    if len(token) > 5 and token.endswith("ly") and token not in LY_NOUNS:
+    if len(token) >= 5 and token.endswith("ly") and token not in LY_NOUNS:
         return False  # an adverb ("unfortunately"), heuristic
     return len(token) >= 3 and token.isalpha() and token not in STOPWORDS
 
@@ -262,7 +334,7 @@ def candidate_ngrams(tokens: Sequence[str], max_n: int) -> Iterator[str]:
 
 
 def is_attribute(tag: str) -> bool:
-    """Whether a normalised tag names an aesthetic attribute (lexicon rule, heuristic)."""
+    """Whether a normalised tag contains an aesthetic-attribute word or phrase (lexicon rule)."""
     padded = f" {tag} "
     if any(f" {phrase} " in padded for phrase in ATTRIBUTE_PHRASES):
         return True
@@ -274,12 +346,106 @@ def looks_like_modifier(word: str) -> bool:
     "colourful", "pointless"). Heuristic; used to keep such words from ending a semantic tag."""
     if word.endswith("ed"):
         return len(word) >= 5 and not word.endswith("eed")
-    return word.endswith(("ous", "ful", "less"))
+    return word.endswith(("ous", "ful", "less", "ive", "able", "ible"))
 
 
-def classify(tag: str) -> str:
-    """``"attribute"`` or ``"semantic"`` for a normalised tag (see :func:`is_attribute`)."""
-    return "attribute" if is_attribute(tag) else "semantic"
+@dataclass(frozen=True)
+class WordContext:
+    """How a word is used in the corpus: occurrences, and how many of them sit where a noun
+    ends a noun phrase ("the tree is", "a red barn"), where an adjective stands ("too dark",
+    "looks soft"), or where a verb follows its cue ("to capture", "you could")."""
+
+    n: int = 0
+    noun: int = 0
+    adj: int = 0
+    verb: int = 0
+
+    @property
+    def nounish(self) -> bool:
+        """Used as a noun: at least 15 % noun contexts and more than adjective or verb contexts;
+        or, never used as an adjective or verb, 2 noun contexts or fewer than 10 uses."""
+        if self.adj or self.verb:
+            return self.noun >= 0.15 * self.n and self.noun > self.adj and self.noun > self.verb
+        return self.noun >= 2 or self.n < 10  # mass nouns rarely take an article; few uses: no evidence against
+
+    @property
+    def adjectival(self) -> bool:
+        return self.n > 0 and self.adj >= 0.1 * self.n and self.adj >= self.noun and self.adj > self.verb
+
+
+def word_contexts(token_lists: Iterable[Sequence[str]], words: Iterable[str] | None = None) -> dict[str, WordContext]:
+    """:class:`WordContext` of every content word (or of ``words``) over tokenised comments."""
+    wanted = None if words is None else set(words)
+    acc: dict[str, list[int]] = {}
+    for tokens in token_lists:
+        m = len(tokens)
+        for i, w in enumerate(tokens):
+            if (wanted is not None and w not in wanted) or not is_content(w):
+                continue
+            c = acc.setdefault(w, [0, 0, 0, 0])
+            c[0] += 1
+            prev = tokens[i - 1] if i else ""
+            ends = i + 1 == m or not is_content(tokens[i + 1])
+            if ends and (prev in DETERMINERS or (i >= 2 and tokens[i - 2] in DETERMINERS and is_content(prev))):
+                c[1] += 1
+            if ends and prev in INTENSIFIERS:
+                c[2] += 1
+            if prev in VERB_CUES:
+                c[3] += 1
+    return {w: WordContext(*c) for w, c in acc.items()}
+
+
+def word_kind(word: str, ctx: WordContext | None = None) -> str | None:
+    """``"attribute"``, ``"meta"``, ``"semantic"`` or ``None`` (not a tag) for one token.
+
+    Lexicons first (attribute phrases and stems, :data:`META_WORDS`); then, without corpus
+    context, any other word counts as semantic (the old rule). With its :class:`WordContext`,
+    a word is semantic only when the corpus uses it as a noun and it does not look like a
+    participle or adjective by its suffix; an adjective-like word is an attribute only through
+    the lexicon; verbs, adverbs and everything else are not tags.
+    """
+    if " " in word:  # a merged attribute phrase
+        return "attribute"
+    if not is_content(word):
+        return None
+    if _is_attribute_word(word):
+        return "attribute"
+    if word in META_WORDS or word in GENERIC_NOUNS:
+        return "meta"
+    if word.endswith("ness") and len(word) > 6:
+        return "attribute"  # a quality noun: "softness", "emptiness"
+    if word.endswith(ABSTRACT_SUFFIXES) and len(word) > 5 and word not in CONCRETE_EXCEPTIONS:
+        return None
+    if ctx is None:
+        return "semantic"
+    if looks_like_modifier(word) or (word.endswith("ing") and ctx.noun < 0.3 * ctx.n):
+        return None
+    return "semantic" if ctx.nounish else None
+
+
+def classify(tag: str, contexts: Mapping[str, WordContext] | None = None) -> str | None:
+    """``"semantic"``, ``"attribute"`` or ``None`` (neither) for a normalised tag.
+
+    A one-word tag takes its word's kind (:func:`word_kind`; "meta" words are not tags). A
+    longer tag is read by its head, the last word: a quality head makes an attribute ("sharp
+    focus", "dark background"); a content head a semantic tag, whatever its modifier ("blue
+    sky", "wine glass"), unless the modifier is a meta word; a meta head is an attribute when a
+    quality word modifies it ("striking image") and no tag otherwise ("main subject", "average
+    entry"). ``contexts`` (from :func:`word_contexts`) is the corpus evidence; without it every
+    non-lexicon word counts as content, as before.
+    """
+    tokens = merge_phrases(tag.split())
+    kinds = [word_kind(t, None if contexts is None else contexts.get(t, WordContext())) for t in tokens]
+    head, mods = kinds[-1], kinds[:-1]
+    if len(tokens) == 1:
+        return head if head in ("semantic", "attribute") else None
+    if head == "attribute":
+        return "attribute"
+    if head == "semantic":
+        return None if "meta" in mods else "semantic"
+    if head == "meta":
+        return "attribute" if "attribute" in mods else None
+    return None
 
 
 _ATTRIBUTE_RE = re.compile(
@@ -306,7 +472,8 @@ class LexicalResult:
     below_min_count: int = 0
     """Distinct candidates seen fewer than ``min_count`` times (dropped)."""
     not_semantic: int = 0
-    """Frequent candidates that would be semantic but end in a modifier ("enhanced"; dropped)."""
+    """Frequent candidates that are neither content nor a quality (meta talk, verbs, adverbs,
+    participles, other adjectives; dropped)."""
 
 
 def count_candidates(token_lists: Iterable[Sequence[str]], max_n: int) -> tuple[Counter[str], int]:
@@ -324,18 +491,19 @@ def extract_lexical(
 ) -> LexicalResult:
     """Count candidates over tokenised comments (:func:`comment_tokens`) and classify them.
 
-    Keeps candidates that occur in at least ``min_count`` comments. A semantic tag must not end
-    in a word that :func:`looks_like_modifier` (semantic tags name things; attribute tags may
-    well be adjectives: "sharp", "overexposed").
+    Keeps candidates that occur in at least ``min_count`` comments, classified by
+    :func:`classify` with the corpus's own :func:`word_contexts` (how each word is used: as a
+    noun, an adjective or a verb), so that content words go to *semantic*, quality words to
+    *attribute*, and the rest (meta talk, verbs, adverbs, other adjectives) nowhere.
     """
+    token_lists = list(token_lists)
     counts, n_comments = count_candidates(token_lists, max_ngram)
-    result = LexicalResult(n_comments=n_comments)
-    for tag, count in counts.items():
-        if count < min_count:
-            result.below_min_count += 1
-            continue
-        kind = classify(tag)
-        if kind == "semantic" and looks_like_modifier(tag.rsplit(" ", 1)[-1]):
+    frequent = {tag: count for tag, count in counts.items() if count >= min_count}
+    contexts = word_contexts(token_lists, {w for tag in frequent for w in tag.split()})
+    result = LexicalResult(n_comments=n_comments, below_min_count=len(counts) - len(frequent))
+    for tag, count in frequent.items():
+        kind = classify(tag, contexts)
+        if kind is None:
             result.not_semantic += 1
         else:
             getattr(result, kind)[tag] = count

@@ -49,6 +49,7 @@ MAX_TAG_WORDS = 5
 """LLM tags longer than this many words are dropped (and counted)."""
 
 DEFAULT_CONFIG: dict[str, Any] = {
+    "splits": ["train", "unlabeled"],
     "min_count": 5,
     "max_ngram": 3,
     "max_semantic": 2145,
@@ -64,13 +65,17 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "timeout_s": 60.0,
     },
 }
-"""Defaults of the ``tags:`` block of params.yaml (caps: the paper's 2,145 / 1,659)."""
+"""Defaults of the ``tags:`` block of params.yaml (caps: the paper's 2,145 / 1,659). ``splits``:
+the manifest splits whose images' comments are mined; comments of the other splits' images
+(validation, test) are never read, and comments of images outside the manifest (other corpora)
+are."""
 
 
 @dataclass(frozen=True)
 class TagConfig:
     """A checked ``tags:`` config block."""
 
+    splits: tuple[str, ...]
     min_count: int
     max_ngram: int
     max_semantic: int
@@ -108,6 +113,10 @@ def resolve_config(cfg: Mapping[str, Any] | None) -> TagConfig:
     if llm["base_url"] is not None and not isinstance(llm["base_url"], str):
         raise DataError(f"params.yaml tags.llm.base_url: expected a URL string or null, got {llm['base_url']!r}.")
     llm["base_url"] = llm["base_url"] or None
+    splits = top["splits"]
+    if not isinstance(splits, list) or not splits or not all(isinstance(x, str) and x for x in splits):
+        raise DataError(f"params.yaml tags.splits: expected a non-empty list of split names, got {splits!r}.")
+    top["splits"] = tuple(splits)
     return TagConfig(**top, llm=LLMConfig(**llm))
 
 
@@ -184,20 +193,30 @@ def build_tag_library(
     replay_path: str | os.PathLike,
     corpus_format: str = "auto",
     environ: Mapping[str, str] | None = None,
+    image_splits: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Build the tag libraries and write ``semantic.txt``, ``attribute.txt`` and ``report.json``.
 
     ``corpus_path`` is one corpus (file or folder) or a list of them, all read with
     ``corpus_format``. ``filter_path`` ``None`` means no manual filter. ``environ`` (default
-    ``os.environ``) is where the LLM key variable is looked up. Returns the report.
+    ``os.environ``) is where the LLM key variable is looked up. ``image_splits`` maps the data
+    set's image ids to their split (the manifest): a comment on an image whose split is not in
+    ``tags.splits`` is skipped (``None``: every comment is read). Returns the report.
     """
     conf = resolve_config(cfg)
     rules = read_filter(filter_path) if filter_path is not None else []
     paths = [corpus_path] if isinstance(corpus_path, (str, os.PathLike)) else list(corpus_path)
-    texts = [text for path in paths for _, text in read_corpus(path, corpus_format)]
+    keep = set(conf.splits)
+    splits = image_splits or {}
+    records = [rec for path in paths for rec in read_corpus(path, corpus_format)]
+    texts = [text for image_id, text in records if image_id not in splits or splits[image_id] in keep]
+    held_out = len(records) - len(texts)
     corpus_names = ", ".join(str(p) for p in paths)
     if not texts:
-        raise DataError(f"{corpus_names}: no comments found; check the corpus path and its format.")
+        raise DataError(
+            f"{corpus_names}: no comments found{f' on images of splits {sorted(keep)} ({held_out} on other splits skipped)' if held_out else ''}; "
+            "check the corpus path and its format, or tags.splits."
+        )
     token_lists = [comment_tokens(text) for text in texts]
 
     lexical = extract_lexical(token_lists, min_count=conf.min_count, max_ngram=conf.max_ngram)
@@ -244,6 +263,8 @@ def build_tag_library(
             "paths": [str(p) for p in paths],
             "formats": [detect_format(p) if corpus_format == "auto" else corpus_format for p in paths],
             "comments": len(texts),
+            "splits": list(conf.splits),
+            "skipped_other_splits": held_out,
         },
         "config": _config_summary(conf),
         "extractors": {
@@ -353,6 +374,7 @@ def _config_summary(conf: TagConfig) -> dict[str, Any]:
     prompt = llm.pop("prompt")
     llm["prompt_sha256"] = hashlib.sha256(prompt.encode("utf-8")).hexdigest()
     return {
+        "splits": list(conf.splits),
         "min_count": conf.min_count,
         "max_ngram": conf.max_ngram,
         "max_semantic": conf.max_semantic,

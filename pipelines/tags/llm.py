@@ -15,7 +15,7 @@ the cache committed, ``dvc repro`` needs neither a key nor the network. Modes:
   and counted (the library is then built from the other candidates).
 
 The cache stores only the key, the model, the batch size and the parsed tags, never the
-comments themselves (corpus licences), and is rewritten whole through a temporary file and a
+comments themselves (corpus licences) and never the API key, and is rewritten whole through a temporary file and a
 rename, so an interrupted run never leaves a torn file. A response that is not valid JSON or
 does not match the schema is not recorded and raises :class:`LLMError` naming the batch.
 """
@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -82,6 +83,22 @@ class LLMConfig:
     api_key_env: str = "OPENAI_API_KEY"
     temperature: float = 0.0
     timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not ENV_NAME.match(self.api_key_env):  # never echo it: it may be the key itself
+            raise DataError(
+                "params.yaml tags.llm.api_key_env: must be the NAME of an environment variable "
+                "(e.g. OPENAI_API_KEY), not the key; remove the key from params.yaml and export it instead."
+            )
+
+
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+REDACTED = "[REDACTED]"
+
+
+def redact(text: str, secret: str | None) -> str:
+    """``text`` with every occurrence of ``secret`` replaced (error messages may quote a key)."""
+    return text.replace(secret, REDACTED) if secret else text
 
 
 @dataclass
@@ -263,7 +280,10 @@ def extract_llm(
             else:
                 if client is None:
                     client = make_client(cfg, api_key)
-                tags = parse_tags(call_llm(client, cfg, messages, where), where)
+                try:
+                    tags = parse_tags(call_llm(client, cfg, messages, where), where)
+                except LLMError as exc:  # a server may quote the key back; it goes nowhere from here
+                    raise LLMError(redact(str(exc), api_key)) from None
                 cache.add({"key": key, "model": cfg.model, "n_comments": len(batch), "response": tags})
                 result.live += 1
             result.responses.append(tags)

@@ -13,7 +13,7 @@ after re-scoring it. A champion must carry the metric to be compared: one withou
 before this rule) is replaced.
 
 Any ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` resolves (``resolve``) and loads
-(``load``).
+(``load``: models logged from code only).
 """
 
 from __future__ import annotations
@@ -166,9 +166,19 @@ def resolve(uri: str, client: MlflowClient | None = None):
         raise DataError(f"{uri}: not found in the registry at {mlflow.get_registry_uri()} ({hint}).") from exc
 
 
-def load(uri: str):
-    """Load a registry URI as a pyfunc model (resolving it first, for a clear error)."""
+def load(uri: str, path_root: str | None = None):
+    """Load a registry URI as a pyfunc model (resolving it first, for a clear error).
+
+    Only models logged from code load (``pipelines.tracking.scoring``): a version whose pyfunc
+    is a pickled Python object is refused (DataError), since unpickling it could run code.
+    ``path_root``: the folder whose files ``path`` inputs may name (None: bytes inputs only).
+    """
     import mlflow.pyfunc
+    from mlflow.models import get_model_info
 
     resolve(uri)
-    return mlflow.pyfunc.load_model(uri)
+    flavor = get_model_info(uri).flavors.get("python_function", {})
+    if "model_code_path" not in flavor:
+        raise DataError(f"{uri}: its pyfunc model is a pickled Python object, not logged from code, so it is not "
+                        "loaded (unpickling could run code); register it again with this pipeline (`dvc repro`).")
+    return mlflow.pyfunc.load_model(uri, model_config={"path_root": str(path_root)} if path_root is not None else None)

@@ -31,9 +31,10 @@ from pipelines.ranking.cr_features import image_paths
 from pipelines.ranking.encoder import CREncoder
 from pipelines.ranking.index import BalancedBatchSampler, score_bins
 from pipelines.ranking.loss import traversal_contrastive_loss
+from pipelines.selftrain.unlabeled import load_pseudo_pool, unlabeled_loss
 from pipelines.tracking.runs import EpochLogger
 from pipelines.train.data import load_features
-from pipelines.train.runner import load_resume_state, report_epoch, sync_gradients, worker_info
+from pipelines.train.runner import load_resume_state, report_epoch, restore_rng, rng_state, sync_gradients, worker_info
 
 
 def _seed(seed: int) -> torch.Generator:
@@ -99,7 +100,7 @@ def pretrain_loop(config: dict) -> None:
     step is the same as one worker taking all of them.
     """
     rank, world, device = worker_info()
-    _seed(config["seed"])
+    gen = _seed(config["seed"])
     encoder = config.get("encoder", "embedding")
     if encoder not in ENCODERS:
         raise ValueError(f"pretrain.encoder must be one of {ENCODERS}, got {encoder!r}")
@@ -134,6 +135,7 @@ def pretrain_loop(config: dict) -> None:
         if "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         start = state["epoch"] + 1
+        restore_rng(state.get("rng"), gen)
     model = ray.train.torch.prepare_model(enc) if world > 1 else enc  # DDP across workers
     log = EpochLogger(config.get("tracking_uri"), config.get("run_id")) if rank == 0 else None
     for epoch in tqdm(range(start, config["epochs"]), desc="pretrain", disable=rank != 0, initial=start, total=config["epochs"]):
@@ -171,6 +173,7 @@ def pretrain_loop(config: dict) -> None:
             state = {
                 "model": enc.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
                 "spec": enc.spec(), "started_at_epoch": start, "precision": str(dtype or torch.float32).removeprefix("torch."),
+                "rng": rng_state(gen), "metrics": metrics,
             }
         report_epoch(metrics, state, config, rank)
 
@@ -256,7 +259,8 @@ def supervised_loop(config: dict) -> None:
 
     Loss per step: EMD_r(softmax(MLP(F_aes)), y) over the labelled batch plus TFA's mixed
     samples, + flsa_weight * FLSA(F_aes, s); with pseudo labels, + unlabeled_weight * L_u
-    where L_u is the EMD to the sharpened pseudo-label distribution (ELTA eq. 10).
+    where L_u is the EMD to the sharpened pseudo-label distribution over a batch drawn from
+    the whole unlabelled pool, unselected rows counting as zeros (ELTA eq. 10).
     """
     rank, world, device = worker_info()
     gen = _seed(config["seed"])
@@ -278,20 +282,10 @@ def supervised_loop(config: dict) -> None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start, best = state["epoch"] + 1, state.get("best")
+        restore_rng(state.get("rng"), gen)
 
     tensors = {k: torch.from_numpy(getattr(train, k)) for k in ("tm", "emb", "dist", "score")}
-    pseudo = None
-    if config.get("pseudo_path"):
-        p = pd.read_parquet(config["pseudo_path"])
-        p = p[p["selected"]]
-        pos = pd.Series(np.arange(len(feats)), index=feats.image_id)
-        rows = pos.loc[p["image_id"].to_numpy()].to_numpy()
-        if len(rows):
-            pseudo = {
-                "tm": torch.from_numpy(feats.tm[rows]),
-                "emb": torch.from_numpy(feats.emb[rows]),
-                "dist": torch.from_numpy(np.stack(p["pseudo_dist"].to_numpy()).astype(np.float32)),
-            }
+    pseudo = load_pseudo_pool(config["pseudo_path"], feats.image_id, feats.tm, feats.emb) if config.get("pseudo_path") else None
     bs = h["batch_size"]
     n_batches = max(1, math.ceil(len(train) / bs / world))
     log = EpochLogger(config.get("tracking_uri"), config.get("run_id")) if rank == 0 else None
@@ -320,10 +314,8 @@ def supervised_loop(config: dict) -> None:
                 l_flsa = flsa_loss(fused, score)
                 loss = loss + h["flsa_weight"] * l_flsa
             l_u = torch.zeros(())
-            if pseudo is not None:
-                urows = torch.randint(len(pseudo["dist"]), (min(bs, len(pseudo["dist"])),), generator=gen)
-                logits_u = model(pseudo["tm"][urows].to(device), pseudo["emb"][urows].to(device))
-                l_u = dist_loss(torch.softmax(logits_u, 1), pseudo["dist"][urows].to(device))
+            if pseudo is not None:  # ELTA eq. 10: unselected rows of the batch count as zeros
+                l_u = unlabeled_loss(pseudo, model, dist_loss, bs, gen, device)
                 loss = loss + config["unlabeled_weight"] * l_u
             opt.zero_grad()
             loss.backward()
@@ -342,6 +334,7 @@ def supervised_loop(config: dict) -> None:
             state = {
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "epoch": epoch, "arch": arch, "started_at_epoch": start, "best": best,
+                "rng": rng_state(gen), "metrics": metrics,
             }
             if epoch + 1 == config["epochs"]:
                 state.update(_selected(state))

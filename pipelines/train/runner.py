@@ -25,13 +25,18 @@ from typing import Any, Callable
 import torch
 
 from pipelines.config import TrainParams
-from pipelines.io import DataError, atomic_path
+from pipelines.io import DataError, atomic_path, load_torch, write_text
 
 STATE_FILE = "state.pt"
 CHECKPOINT_EVERY = 5
 
 
+RUN_KEYS = ("run_id", "tracking_uri")  # where a run logs, not what it trains
+
+
 def fingerprint(config: dict[str, Any], inputs: list[str]) -> str:
+    """What a resumable run is: its config (less ``RUN_KEYS``, new for every MLflow run) and inputs."""
+    config = {k: v for k, v in config.items() if k not in RUN_KEYS}
     h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for path in inputs:
         with open(path, "rb") as f:
@@ -44,17 +49,63 @@ def runs_dir() -> Path:
     return Path(os.environ.get("IAA_RUNS_DIR", "runs")).resolve()
 
 
-def _ensure_ray(params: TrainParams) -> None:
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster named by ``RAY_ADDRESS``, else start a local Ray with ``num_cpus``
+    (default: this machine's); its logs go where ``pipelines.logs`` sends them."""
     import ray
 
-    if params.num_workers == 0 or ray.is_initialized():
+    from pipelines.logs import quiet_ray_loggers, quiet_ray_worker_output
+
+    quiet_ray_loggers()
+    if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        need = params.num_workers * params.cpus_per_worker
-        ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1), include_dashboard=False)
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False)
+    quiet_ray_worker_output()
+
+
+def check_gpu(params: TrainParams, key: str, source: str = "params.yaml") -> None:
+    """Fail in seconds, not hang, when ``<key>.use_gpu`` asks for GPUs that are not there.
+
+    Local mode needs CUDA in this process; worker actors need ``num_workers`` GPUs in the Ray
+    cluster. A cluster named by ``RAY_ADDRESS`` may be autoscaling GPU nodes, so there the check
+    waits up to ``IAA_GPU_WAIT_S`` seconds (default 600) for them to join.
+    """
+    if not params.use_gpu:
+        return
+    how = f" (e.g. `dvc exp run -S {key}.use_gpu=false`)" if source == "params.yaml" else f" in {source}"
+    fix = (f"Set {key}.use_gpu: false{how}, or run where GPUs are: a CUDA machine, "
+           "or a Ray cluster with GPU nodes named by RAY_ADDRESS.")
+    if params.num_workers == 0:
+        if not torch.cuda.is_available():
+            raise DataError(f"{source}: {key}.use_gpu is true with {key}.num_workers: 0 (local mode), "
+                            f"but this machine has no CUDA GPU. {fix}")
+        return
+    import time
+
+    import ray
+
+    need = params.num_workers
+    deadline = time.monotonic() + (float(os.environ.get("IAA_GPU_WAIT_S", "600")) if os.environ.get("RAY_ADDRESS") else 0.0)
+    while True:
+        have = ray.cluster_resources().get("GPU", 0.0)
+        if have >= need:
+            return
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(5)
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    raise DataError(f"{source}: {key}.use_gpu is true and {key}.num_workers = {need} asks for {need} GPU(s), "
+                    f"but the Ray cluster has {have:g} GPU(s) (and {cpus:g} CPUs). {fix}")
+
+
+def params_key(stage: str) -> str:
+    """The params.yaml block of a training stage's ``ray`` settings (``family-mnet`` -> ``model.ray``)."""
+    block = stage.split("-", 1)[0]
+    return f"{'model' if block == 'family' else block}.ray"
 
 
 def run_training(
@@ -75,10 +126,18 @@ def run_training(
     fp = fingerprint(config, inputs)
     run_name = f"{stage}-{fp}"
     resume = runs_dir() / run_name / "checkpoint" / STATE_FILE
+    close_killed_run(resume.parent.parent, config)
+    if (finished := finished_run(resume, config)) is not None:
+        return finished
     # not part of the fingerprint: the cadence does not change what is trained; a caller's own
     # value (Tune trials report every epoch) wins
     config = {"checkpoint_every": ray_params.checkpoint_every, **config, "resume_path": str(resume)}
-    _ensure_ray(ray_params)
+    from pipelines.logs import quiet_ray_loggers
+
+    quiet_ray_loggers()  # local mode too: Ray Train logs from this process
+    if ray_params.num_workers > 0:
+        ensure_ray(max(ray_params.num_workers * ray_params.cpus_per_worker, os.cpu_count() or 1))
+    check_gpu(ray_params, params_key(stage))
     resources = {"CPU": ray_params.cpus_per_worker}
     if ray_params.use_gpu:
         resources["GPU"] = 1
@@ -99,8 +158,8 @@ def run_training(
     if result.checkpoint is None:
         raise RuntimeError(f"{stage}: Ray Train finished without a checkpoint ({result.error})")
     with result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
-    shutil.rmtree(resume.parent.parent, ignore_errors=True)
+        state = load_torch(Path(d) / STATE_FILE)
+    remove_run(run_name)
     return state
 
 
@@ -124,10 +183,10 @@ def load_resume_state(config: dict) -> dict | None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            states.append(torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False))
+            states.append(load_torch(Path(d) / STATE_FILE))
     path = Path(config["resume_path"])
     if path.exists():
-        states.append(torch.load(path, map_location="cpu", weights_only=False))
+        states.append(load_torch(path))
     return max(states, key=lambda s: s["epoch"], default=None)
 
 
@@ -167,3 +226,103 @@ def sync_gradients(model: torch.nn.Module, world: int) -> None:
         if p.grad is not None:
             dist.all_reduce(p.grad)
             p.grad /= world
+
+
+RUN_ID_FILE = "mlflow_run_id"
+
+
+def close_killed_run(run_dir: Path, config: dict[str, Any]) -> None:
+    """Mark the MLflow run of a killed earlier attempt of this run KILLED (it would stay
+    RUNNING forever), and remember this attempt's run (``config["run_id"]``)."""
+    run_id = config.get("run_id")
+    if not run_id:
+        return
+    marker = run_dir / RUN_ID_FILE
+    if marker.exists() and (old := marker.read_text().strip()) and old != run_id:
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(config.get("tracking_uri"))
+        try:
+            if client.get_run(old).info.status == "RUNNING":
+                client.set_tag(old, "resumed_by", run_id)
+                client.set_terminated(old, "KILLED")
+        except MlflowException:  # the old run lives in another store
+            pass
+    write_text(marker, run_id)
+
+
+def finished_run(resume: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The final state of a run killed after its last epoch was saved but before the stage
+    wrote its outputs, or None. Its last epoch's metrics (``state["metrics"]``) are logged
+    again into the caller's MLflow run (``config["run_id"]``), which has seen no epoch."""
+    if not resume.exists():
+        return None
+    state = load_torch(resume)
+    if "metrics" not in state or state["epoch"] + 1 < config.get("epochs", float("inf")):
+        return None
+    from pipelines.tracking.runs import EpochLogger
+
+    EpochLogger(config.get("tracking_uri"), config.get("run_id"))(state["metrics"], state["epoch"])
+    remove_run(resume.parent.parent.name)
+    return state
+
+
+def remove_run(run_name: str) -> None:
+    """Delete a finished run's resume folder and Ray's storage of it. Ray Train restores a run
+    from its storage by name, so a kept one would make the next run of the same config and
+    inputs (``dvc repro -f``) start from the final checkpoint and train nothing."""
+    shutil.rmtree(runs_dir() / "ray" / run_name, ignore_errors=True)
+    shutil.rmtree(runs_dir() / run_name, ignore_errors=True)
+
+
+# ---- bit-exact resume: the random state travels with the checkpoint ----------------------
+
+
+def rng_state(*generators: torch.Generator) -> dict[str, Any]:
+    """Every random state a loop draws from: torch's (CPU, CUDA), numpy's and Python's global
+    generators, and the loop's own ``generators``. Stored in the resume state (tensors, ints
+    and tuples only, so it loads with ``weights_only=True``), it makes a resumed run draw the
+    same dropout masks, permutations and mixes as an uninterrupted one."""
+    import random
+
+    import numpy as np
+
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "python": random.getstate(),
+        "generators": [g.get_state() for g in generators],
+    }
+
+
+def restore_rng(state: dict[str, Any] | None, *generators: torch.Generator) -> None:
+    """Put back what :func:`rng_state` captured (no-op for a state saved without it)."""
+    if not state:
+        return
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state({
+        "bit_generator": "MT19937",
+        "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+        "has_gauss": n["has_gauss"],
+        "gauss": n["gauss"],
+    })
+    random.setstate(state["python"])
+    if len(state["generators"]) != len(generators):
+        raise ValueError(f"resume state has {len(state['generators'])} generator(s), the loop {len(generators)}")
+    for g, s in zip(generators, state["generators"], strict=True):
+        g.set_state(s)

@@ -19,6 +19,13 @@ Train workers hold ``num_workers * cpus_per_worker``. At most ``cpus // that`` t
 once, so on a 2-CPU machine trials never wait on workers that cannot be placed (no deadlock),
 and on a cluster the same code spreads trials over the nodes.
 
+The concurrency limit goes to the search algorithm (``BasicVariantGenerator(max_concurrent=...)``):
+Tune ignores ``TuneConfig.max_concurrent_trials`` once a search algorithm is given.
+
+Trials are ranked by the value the stage itself would keep: with ``head.keep_best`` (the
+head, pretrain and pseudo searches) the metric at the trial's best validation-SRCC epoch,
+else at its last epoch (``kept_result``), whether or not ASHA stopped the trial early.
+
 Ray Train's local mode (``num_workers: 0``) cannot be used inside a Tune trial: Train V2
 refuses ``ray.train.report`` in a Tune session. Trials therefore use >= 1 worker.
 """
@@ -38,8 +45,9 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from pipelines.config import Params, TrainParams, params_from_dict, read_yaml
-from pipelines.io import DataError, atomic_path, write_json, write_text
+from pipelines.config import Params, TrainParams, dump_yaml, params_from_dict, read_yaml
+from pipelines.io import DataError, atomic_path, load_torch, write_json, write_text
+from pipelines.train.runner import check_gpu, ensure_ray
 
 SAMPLERS = ("loguniform", "uniform", "quniform", "randint", "choice", "grid")
 SCHEDULERS = ("asha", "fifo")
@@ -223,7 +231,7 @@ def _fit(step: Step, config: dict, ray_params: TrainParams, storage: Path, repor
     if result.checkpoint is None:
         raise RuntimeError(f"trial step {step.name}: no checkpoint ({result.error})")
     with result.checkpoint.as_directory() as d:
-        return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+        return load_torch(Path(d) / STATE_FILE)
 
 
 def _recorded_loop(config: dict, *, loop: Callable[[dict], None], record: str) -> None:
@@ -335,16 +343,44 @@ class SearchResult:
     parent_run_id: str
 
 
-def _ensure_ray(num_cpus: int | None) -> None:
-    import ray
+SELECTION_METRIC = "val_srcc"  # what head.keep_best selects the kept epoch by
 
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False)
+
+def kept_result(history: list[dict[str, Any]], metric: str, keep_best: bool) -> tuple[float | None, int | None]:
+    """``(value of metric, epoch)`` that a stage run with the trial's params would keep.
+
+    ``history``: the trial's per-epoch reports, in order. With ``keep_best`` the stage keeps
+    the epoch of the highest validation SRCC (``pipelines.train.loops``), else the last one.
+    """
+    rows = [r for r in history if metric in r and r[metric] is not None and not _nan(r[metric])]
+    if not rows:
+        return None, None
+    if keep_best:
+        ranked = [r for r in history if not _nan(r.get(SELECTION_METRIC, math.nan))]
+        if ranked:
+            pick = max(ranked, key=lambda r: r[SELECTION_METRIC])  # the first of equal values, as the loop
+            if metric in pick and not _nan(pick[metric]):
+                return float(pick[metric]), _epoch(pick)
+    return float(rows[-1][metric]), _epoch(rows[-1])
+
+
+def _epoch(row: dict[str, Any]) -> int | None:
+    if "epoch" in row and not _nan(row["epoch"]):
+        return int(row["epoch"])
+    return int(row["training_iteration"]) - 1 if "training_iteration" in row else None
+
+
+def _history(result: Any) -> list[dict[str, Any]]:
+    df = result.metrics_dataframe
+    if df is None or df.empty:
+        return [result.metrics] if result.metrics else []
+    return df.to_dict("records")
+
+
+def _keeps_best(space: SearchSpace, probe: Params, trial_params: dict[str, Any]) -> bool:
+    if space.stage == "family":  # the image-family loop keeps its last epoch
+        return False
+    return bool({**space.fixed, **trial_params}.get("head.keep_best", probe.head.keep_best))
 
 
 def max_concurrent_trials(space: SearchSpace, cluster_cpus: float) -> int:
@@ -370,15 +406,17 @@ def run_search(
     import mlflow
     import ray
     from ray import tune
+
+    from pipelines.tracking.runs import provenance_tags
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    apply_overrides(raw_params, space.fixed, space.source)  # fail fast on a bad fixed key
+    probe = apply_overrides(raw_params, space.fixed, space.source)  # fail fast on a bad fixed key
     if max_epochs is None:
-        probe = apply_overrides(raw_params, space.fixed, space.source)
         block = {"pseudo": "selftrain", "family": "model"}.get(space.stage, "head")  # the block of the scored step
         max_epochs = getattr(probe, block).epochs
-    _ensure_ray(num_cpus)
+    ensure_ray(num_cpus)
+    check_gpu(space.trial_ray, "trial_ray", source=space.source)
     work_dir = Path(work_dir).resolve()
     name = name or f"tune-{space.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
     mlflow.set_tracking_uri(tracking_uri)
@@ -387,7 +425,7 @@ def run_search(
         raise DataError(f"MLflow experiment {experiment!r} not found at {tracking_uri}; run any stage once, or create it.")
     concurrency = max_concurrent_trials(space, ray.cluster_resources().get("CPU", 1))
     with mlflow.start_run(run_name=name, experiment_id=exp.experiment_id) as parent:
-        mlflow.set_tags({"stage": f"tune-{space.stage}", "tune_metric": space.metric, "tune_mode": space.mode})
+        mlflow.set_tags({"stage": f"tune-{space.stage}", "tune_metric": space.metric, "tune_mode": space.mode, **provenance_tags()})
         mlflow.log_params({"space": json.dumps(space.space)[:500], "num_samples": space.num_samples,
                            "max_concurrent_trials": concurrency, **{f"fixed.{k}": v for k, v in space.fixed.items()}})
         setup = {
@@ -408,7 +446,7 @@ def run_search(
             param_space=tune_param_space(space),
             tune_config=tune.TuneConfig(
                 metric=space.metric, mode=space.mode, num_samples=space.num_samples, scheduler=scheduler,
-                max_concurrent_trials=concurrency, search_alg=BasicVariantGenerator(random_state=space.seed),
+                search_alg=BasicVariantGenerator(random_state=space.seed, max_concurrent=concurrency),
             ),
             run_config=tune.RunConfig(
                 name=name, storage_path=str(work_dir / "ray"), verbose=0, callbacks=[_tune_callback(setup["work_dir"])],
@@ -418,19 +456,21 @@ def run_search(
         trials = []
         for r in grid:
             m = r.metrics or {}
+            params = dict(r.config or {})
+            value, epoch = kept_result(_history(r), space.metric, _keeps_best(space, probe, params))
             trials.append({
-                "trial_id": m.get("trial_id"), "params": dict(r.config or {}),
-                "epochs": m.get("training_iteration", 0), space.metric: m.get(space.metric),
+                "trial_id": m.get("trial_id"), "params": params,
+                "epochs": m.get("training_iteration", 0), space.metric: value, "selected_epoch": epoch,
+                f"last_{space.metric}": m.get(space.metric),
                 "error": None if r.error is None else str(r.error)[:300],
             })
-        done = [t for t in trials if t[space.metric] is not None and not _nan(t[space.metric])]
+        done = [t for t in trials if t[space.metric] is not None]
         if not done:
             errors = "; ".join(t["error"] or "no metric" for t in trials)
             raise RuntimeError(f"no trial reported {space.metric!r}: {errors}")
-        # the best config among trials that trained the full length (ASHA-stopped ones did not)
-        full = [t for t in done if t["epochs"] >= max_epochs] or done
         sign = 1 if space.mode == "max" else -1
-        best = max(full, key=lambda t: sign * t[space.metric])
+        trials.sort(key=lambda t: (t[space.metric] is None, -sign * (t[space.metric] or 0.0)))
+        best = trials[0]
         _close_children(tracking_uri, exp.experiment_id, parent.info.run_id, trials, space.metric, max_epochs)
         mlflow.log_metric(f"best_{space.metric}", best[space.metric])
         mlflow.set_tags({"best_trial": best["trial_id"]})
@@ -471,7 +511,7 @@ def write_best(result: SearchResult, out_dir: str | Path, *, metric: str) -> dic
     frag = out_dir / "best_params.yaml"
     summary = out_dir / "best.json"
     clean = {k: (v.item() if hasattr(v, "item") else v) for k, v in result.best_params.items()}
-    write_text(frag, f"# best trial {result.best_trial}: {metric} = {result.best_value:.6g}\n" + yaml.safe_dump(nest(clean), sort_keys=True))
+    write_text(frag, f"# best trial {result.best_trial}: {metric} = {result.best_value:.6g}\n" + dump_yaml(nest(dict(sorted(clean.items())))))
     args = set_args(clean)
     write_json(summary, {
         "metric": metric, "value": result.best_value, "trial_id": result.best_trial, "params": clean,
@@ -479,3 +519,27 @@ def write_best(result: SearchResult, out_dir: str | Path, *, metric: str) -> dic
         "mlflow_parent_run_id": result.parent_run_id, "trials": result.trials,
     })
     return {"yaml": frag, "json": summary}
+
+
+def trial_table(result: SearchResult, metric: str) -> str:
+    """The trials, best first: their sampled params, the kept metric and its epoch."""
+    keys = sorted({k for t in result.trials for k in t["params"]})
+    head = ["trial", *keys, metric, "epoch", "epochs run", "note"]
+    rows = []
+    for t in result.trials:
+        value = t[metric]
+        note = "error" if t["error"] else ("best" if t["trial_id"] == result.best_trial else "")
+        rows.append([
+            str(t["trial_id"]), *(_fmt(t["params"].get(k)) for k in keys),
+            "-" if value is None else f"{value:.4f}", "-" if t["selected_epoch"] is None else str(t["selected_epoch"]),
+            str(t["epochs"]), note,
+        ])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
