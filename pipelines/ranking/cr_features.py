@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipelines.embed.cache import normalise_fingerprint, open_cache, write_chunk, write_meta
+from pipelines.embed.cache import file_sha256, normalise_fingerprint, open_cache, write_chunk, write_meta
 from pipelines.images import batch_loader, crop_view, to_device, view_batch
 from pipelines.io import DataError
 from pipelines.ranking.backbone import ImageCREncoder, state_fingerprint, sub_state
@@ -71,7 +71,8 @@ def write_cr_features(encoder: ImageCREncoder, ids: Sequence[str], paths: Sequen
     if len(ids) != len(paths):
         raise ValueError(f"{len(ids)} ids but {len(paths)} paths")
     fp = cache_fingerprint(encoder)
-    state = open_cache(out_dir, fp, wanted=set(ids))
+    digests = {i: file_sha256(p) for i, p in zip(ids, paths, strict=True)}  # a changed file is encoded again
+    state = open_cache(out_dir, fp, wanted=digests)
     if state.meta is None:
         write_meta(out_dir, {"fingerprint": fp, "encoder": encoder.spec()})
     pending = [(i, p) for i, p in zip(ids, paths, strict=True) if i not in state.done]
@@ -83,7 +84,7 @@ def write_cr_features(encoder: ImageCREncoder, ids: Sequence[str], paths: Sequen
         buf.append(encoder.embed(to_device(x, device)).float().cpu().numpy())
         buf_ids.extend(i for i, _ in pending[k * batch_size : (k + 1) * batch_size])
         if len(buf_ids) >= chunk_rows or k == len(specs) - 1:
-            write_chunk(out_dir, index, buf_ids, np.concatenate(buf))
+            write_chunk(out_dir, index, buf_ids, np.concatenate(buf), file_hashes=[digests[i] for i in buf_ids])
             index, buf_ids, buf = index + 1, [], []
     return {"n_total": len(ids), "n_encoded": len(pending)}
 
