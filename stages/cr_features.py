@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.io import write_json
+from pipelines.io import load_torch, write_json
 from pipelines.ranking.cr_features import encoder_from_state, image_paths, write_cr_features
 from pipelines.images import check_images
 from pipelines.train.data import load_features
@@ -25,13 +25,13 @@ def cr_input_path(cr_spec: dict | None) -> Path:
 
 def head_cr_input(head_path: str | Path) -> Path:
     """``cr_input_path`` of a trained head file (head / selftrain stage output)."""
-    return cr_input_path(torch.load(head_path, map_location="cpu", weights_only=True)["arch"].get("cr_input"))
+    return cr_input_path(load_torch(head_path)["arch"].get("cr_input"))
 
 
 @cli
 def main() -> None:
     p = params()
-    state = torch.load(CR_ENCODER, map_location="cpu", weights_only=True)
+    state = load_torch(CR_ENCODER)
     if state["spec"].get("kind") != "image":
         shutil.rmtree(CR_FEATURES, ignore_errors=True)
         write_json(CR_FEATURES / "meta.json", {"encoder": "embedding", "head_reads": str(IMAGE_EMB)})

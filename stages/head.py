@@ -1,9 +1,7 @@
 """Stage `head`: TM + CR features -> MLP -> level distribution, EMD loss, ELTA TFA/FLSA."""
 
-import torch
-
 from pipelines.config import as_dict
-from pipelines.io import DataError
+from pipelines.io import DataError, load_torch
 from pipelines.ranking.backbone import cr_card
 from pipelines.ranking.encoder import LAYERS as CR_LAYERS
 from pipelines.train.data import embedding_files
@@ -24,7 +22,7 @@ def head_config(p) -> dict:
         raise DataError(f"params.yaml: head.loss = {h['loss']!r}; use one of {HEAD_LOSSES}.")
     if h["cr_features"] not in CR_LAYERS:
         raise DataError(f"params.yaml: head.cr_features = {h['cr_features']!r}; use one of {CR_LAYERS}.")
-    cr_spec = torch.load(CR_ENCODER, map_location="cpu", weights_only=True)["spec"] if h["use_cr"] else None
+    cr_spec = load_torch(CR_ENCODER)["spec"] if h["use_cr"] else None
     if h["use_cr"] and cr_spec.get("kind") == "image" and h["protocol"] == "fine_tune":
         raise DataError("params.yaml: head.protocol = 'fine_tune' with pretrain.encoder = 'image' is not available: "
                         "the head reads the cached backbone features; use head.protocol: linear_probe.")
