@@ -218,14 +218,14 @@ def test_killed_image_pretraining_resumes_from_its_checkpoint(data):
         from pipelines.train.runner import run_training
         from tests.test_image_ecr import image_config, inputs
         tmp = Path({str(data)!r})
-        state = run_training(pretrain_loop, image_config(tmp, epochs=30, batches_per_cluster=2), TrainParams(num_workers=0),
+        state = run_training(pretrain_loop, image_config(tmp, epochs=12, batches_per_cluster=2), TrainParams(num_workers=0),
                              stage="pretrain", inputs=inputs(tmp))
         torch.save(state, tmp / "final.pt")
     """)
     env = {**os.environ, "IAA_RUNS_DIR": str(data / "runs")}
     root = Path(__file__).parents[1]
     proc = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
+    deadline = time.time() + 600  # start-up (torch, timm, Ray) on a busy machine
     while not list((data / "runs").glob("*/checkpoint/state.pt")):
         assert proc.poll() is None and time.time() < deadline, "training ended before its first checkpoint"
         time.sleep(0.01)
@@ -234,7 +234,7 @@ def test_killed_image_pretraining_resumes_from_its_checkpoint(data):
     proc.wait()
     (resume,) = (data / "runs").glob("*/checkpoint/state.pt")
     killed = torch.load(resume, weights_only=True)
-    assert killed["epoch"] < 29 and killed["spec"]["kind"] == "image"
+    assert killed["epoch"] < 11 and killed["spec"]["kind"] == "image"
     subprocess.run([sys.executable, "-c", script], env=env, cwd=root, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     final = torch.load(data / "final.pt", weights_only=True)
-    assert final["epoch"] == 29 and final["started_at_epoch"] >= killed["epoch"] + 1
+    assert final["epoch"] == 11 and final["started_at_epoch"] >= killed["epoch"] + 1
