@@ -56,10 +56,11 @@ def image_tensor(im: Image.Image, size: tuple[int, int], mode: str = "resize") -
         k = h / min(im.width, im.height)
         im = im.resize((max(1, round(im.width * k)), max(1, round(im.height * k))), Image.BILINEAR)
     elif mode == "pad":
-        s = min(w / im.width, h / im.height)
-        nw, nh = max(1, round(im.width * s)), max(1, round(im.height * s))
+        from pipelines.models.augment import pad_box
+
+        x0, y0, x1, y1 = pad_box(im.width, im.height, size)
         canvas = Image.new("RGB", (w, h), (0, 0, 0))
-        canvas.paste(im.resize((nw, nh), Image.BILINEAR), ((w - nw) // 2, (h - nh) // 2))
+        canvas.paste(im.resize((x1 - x0, y1 - y0), Image.BILINEAR), (x0, y0))
         im = canvas
     else:
         raise ValueError(f"mode must be 'resize', 'short_side' or 'pad', got {mode!r}")
