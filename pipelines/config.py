@@ -95,7 +95,25 @@ class TrainParams:
 
 
 @dataclass(frozen=True)
+class ImageEncoderParams:
+    """The image E_CR (``pretrain.encoder: image``): a backbone trained on pixels."""
+
+    backbone: str = "mobilenetv3_small_050"  # timm name (paper: swin_base_patch4_window7_224) or torchvision:<name>
+    weights: str = "none"  # hub tag (online), local checkpoint path, or none (random init, stamped)
+    image_size: int = 224  # the random crop (paper: 224)
+    resize: int = 256  # resized to this squared first (paper: 256)
+    hflip: bool = True
+    backbone_lr: float = 1e-4  # the projection MLP uses pretrain.lr
+    epochs: int = 4
+    batches_per_cluster: int = 5
+    precision: str = "auto"  # auto (CUDA: bf16 where supported, else fp16 + GradScaler; CPU: fp32) | fp32 | bf16 | fp16
+    loader_workers: int = 2  # decode processes per Ray worker
+    batch_size: int = 64  # images per forward pass when writing the CR-feature cache
+
+
+@dataclass(frozen=True)
 class PretrainParams:
+    encoder: str = "embedding"  # embedding (MLP over the cached CLIP embedding) | image (backbone on pixels)
     epochs: int = 20
     lr: float = 1e-3
     weight_decay: float = 0.05
@@ -104,6 +122,8 @@ class PretrainParams:
     dim: int = 128
     dropout: float = 0.1
     batches_per_cluster: int = 30
+    batches_per_step: int | str = "auto"  # balanced batches per optimizer step, all workers together (auto: one per worker)
+    image: ImageEncoderParams = field(default_factory=ImageEncoderParams)
     ray: TrainParams = field(default_factory=TrainParams)
 
 

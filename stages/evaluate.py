@@ -16,7 +16,10 @@ from pipelines.embed.cache import read_meta
 from pipelines.embed.encode import read_text_embeddings
 from pipelines.train.data import load_features
 from pipelines.train.loops import load_head, predict_logits
+from pipelines.ranking.backbone import cr_card, cr_tags, stamp_cr
+from pipelines.ranking.cr_features import bundle_cr_encoder
 from stages.common import FEATURES, IMAGE_EMB, MODELS, PLOTS, TAG_EMB, cli, params, random_warning, stamp, weights_card, write_metrics
+from stages.cr_features import CR_ENCODER, head_cr_input
 
 MODEL_FILES = {"head": MODELS / "head.pt", "selftrain": MODELS / "selftrain.pt"}
 REQUIREMENTS = ("torch", "torchvision", "open_clip_torch", "numpy", "pandas", "pillow", "mlflow")
@@ -108,7 +111,7 @@ def main() -> None:
     p = params()
     card = weights_card()
     warning = random_warning(card)
-    feats = load_features(FEATURES, IMAGE_EMB)
+    feats = load_features(FEATURES, head_cr_input(MODEL_FILES["head"]))  # E_CR's input: the CLIP or the CR-feature cache
     train, val, test = feats.split_of("train"), feats.split_of("val"), feats.split_of("test")
     if len(test) < 3:
         raise DataError(f"{FEATURES}: only {len(test)} test images; evaluation needs at least 3.")
@@ -124,8 +127,10 @@ def main() -> None:
                         for i, (k, v) in enumerate(lmh_mae(preds[name], test.score).items(), 1)]
         val_srcc[name] = float(srcc(dist_to_score(predict_probs(model, val)), val.score)) if len(val) >= 3 else float("nan")
     best = max(val_srcc, key=lambda k: -np.inf if np.isnan(val_srcc[k]) else val_srcc[k])
-    write_metrics("eval", stamp({**results, "registered_model": best, "val_srcc": val_srcc}, card), list(results),
-                  random_weights=card["random_weights"], registered_model=best)
+    head_state = load_torch(MODEL_FILES[best])
+    cr = cr_card(head_state["arch"].get("cr_input"))  # which E_CR: stamped beside the CLIP weights
+    write_metrics("eval", stamp_cr(stamp({**results, "registered_model": best, "val_srcc": val_srcc}, card), cr), list(results),
+                  random_weights=card["random_weights"], registered_model=best, cr_random_weights=bool(cr.get("cr_random_weights", False)))
 
     PLOTS.mkdir(exist_ok=True)
     pred_table = pd.DataFrame({"image_id": test.image_id, "true_score": test.score, **{f"pred_{k}": v for k, v in preds.items()}})
@@ -142,17 +147,18 @@ def main() -> None:
     plot_tsne(PLOTS / "tsne.png", {"Sem": sub.tm[:, :m], "Attr": sub.tm[:, m:], "Level": level}, sub.score, p.seed, warning)
 
     tags, kinds, tag_emb = read_text_embeddings(TAG_EMB)
-    head_state = load_torch(MODEL_FILES[best])
     scale = card["logit_scale"] if p.features.logit_scale else 1.0
     bundle = MODELS / "bundle.pt"
     precision = (read_meta(IMAGE_EMB) or {}).get("precision_used") or "fp32"  # the path the embeddings were made with
     make_bundle(bundle, head_state=head_state, card=card, tags=tags, kinds=kinds, tag_emb=tag_emb, logit_scale=scale,
-                precision=precision, batch_size=p.embed.batch_size)
-    model_card = {
+                precision=precision, batch_size=p.embed.batch_size,
+                cr_encoder=bundle_cr_encoder(load_torch(CR_ENCODER)) if cr["cr_encoder"] == "image" else None)
+    model_card = stamp_cr({
         "model": best, "data": p.data.name, "clip": card, "test_metrics": results[best], "val_srcc": val_srcc[best],
         "params": {"head": as_dict(p.head), "selftrain": as_dict(p.selftrain)},
-    }
-    with stage_run(p.mlflow, "evaluate", config={"evaluate": as_dict(p.evaluate), "seed": p.seed}, tags={"data": p.data.name, **weights_tags(card)}):
+    }, cr)
+    with stage_run(p.mlflow, "evaluate", config={"evaluate": as_dict(p.evaluate), "seed": p.seed},
+                   tags={"data": p.data.name, **weights_tags(card), **cr_tags(cr)}):
         import mlflow
 
         for name, res in results.items():
@@ -160,11 +166,11 @@ def main() -> None:
         for f in ("pred_vs_true.png", "region_mae.png", "tsne.png", "pred_vs_true.csv"):
             mlflow.log_artifact(str(PLOTS / f), "plots")
         if p.evaluate.register:
-            info = log_scoring_model(bundle, card, registered_name=p.mlflow.model_name, pip_requirements=requirements(REQUIREMENTS))
+            info = log_scoring_model(bundle, card, registered_name=p.mlflow.model_name, pip_requirements=requirements(REQUIREMENTS + (("timm",) if cr["cr_encoder"] == "image" else ())))
             version = str(info.registered_model_version)
             alias = registry.tag_and_promote(
                 p.mlflow.model_name, version, metrics={**results[best], "val_srcc": val_srcc[best]}, dataset=p.data.name,
-                card=card, extra={"data": p.data.name, **weights_tags(card)},
+                card=card, extra={"data": p.data.name, **weights_tags(card), **cr_tags(cr)},
             )
             model_card.update({"registered": f"models:/{p.mlflow.model_name}/{version}", "alias": alias})
     if warning:

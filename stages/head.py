@@ -1,11 +1,13 @@
 """Stage `head`: TM + CR features -> MLP -> level distribution, EMD loss, ELTA TFA/FLSA."""
 
 from pipelines.config import as_dict
-from pipelines.io import DataError
+from pipelines.io import DataError, load_torch
+from pipelines.ranking.backbone import cr_card
 from pipelines.ranking.encoder import LAYERS as CR_LAYERS
 from pipelines.train.data import embedding_files
 from pipelines.train.loops import HEAD_LOSSES, supervised_loop
-from stages.common import FEATURES, IMAGE_EMB, MODELS, cli, params
+from stages.common import FEATURES, MODELS, cli, params
+from stages.cr_features import CR_ENCODER, cr_input_path
 from stages.training import train_stage
 
 PROTOCOLS = ("linear_probe", "fine_tune")
@@ -20,15 +22,25 @@ def head_config(p) -> dict:
         raise DataError(f"params.yaml: head.loss = {h['loss']!r}; use one of {HEAD_LOSSES}.")
     if h["cr_features"] not in CR_LAYERS:
         raise DataError(f"params.yaml: head.cr_features = {h['cr_features']!r}; use one of {CR_LAYERS}.")
-    return {"features_path": FEATURES, "embeddings_path": IMAGE_EMB, "cr_path": MODELS / "cr_encoder.pt" if h["use_cr"] else None, "head": h}
+    cr_spec = load_torch(CR_ENCODER)["spec"] if h["use_cr"] else None
+    if h["use_cr"] and cr_spec.get("kind") == "image" and h["protocol"] == "fine_tune":
+        raise DataError("params.yaml: head.protocol = 'fine_tune' with pretrain.encoder = 'image' is not available: "
+                        "the head reads the cached backbone features; use head.protocol: linear_probe.")
+    cr_input = cr_input_path(cr_spec)
+    return {"features_path": FEATURES, "embeddings_path": cr_input, "cr_path": CR_ENCODER if h["use_cr"] else None, "head": h}
+
+
+def cr_of(state: dict) -> dict:
+    """The E_CR card of a trained head / self-trained state."""
+    return cr_card(state["arch"].get("cr_input"))
 
 
 @cli
 def main() -> None:
     p = params()
     config = {**head_config(p), "epochs": p.head.epochs, "lr": p.head.lr, "desc": "head"}
-    inputs = [FEATURES, *embedding_files(IMAGE_EMB)] + ([MODELS / "cr_encoder.pt"] if p.head.use_cr else [])
-    train_stage("head", supervised_loop, config, p.head.ray, inputs=inputs, model_out=MODELS / "head.pt")
+    inputs = [FEATURES, *embedding_files(config["embeddings_path"])] + ([CR_ENCODER] if p.head.use_cr else [])
+    train_stage("head", supervised_loop, config, p.head.ray, inputs=inputs, model_out=MODELS / "head.pt", cr=cr_of)
 
 
 if __name__ == "__main__":

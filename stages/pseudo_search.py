@@ -9,7 +9,10 @@ from pipelines.config import as_dict
 from pipelines.io import write_json, write_parquet
 from pipelines.selftrain.pseudo import pseudo_labels
 from pipelines.tracking.runs import stage_run, weights_tags
-from stages.common import FEATURES, IMAGE_EMB, METRICS, MODELS, PSEUDO, cli, params, weights_card
+from pipelines.io import load_torch
+from pipelines.ranking.backbone import cr_card, cr_tags
+from stages.common import FEATURES, METRICS, MODELS, PSEUDO, cli, params, weights_card
+from stages.cr_features import head_cr_input
 
 
 @cli
@@ -18,14 +21,15 @@ def main() -> None:
     s = p.pseudo_search
     card = weights_card()
     labels = pseudo_labels(
-        FEATURES, IMAGE_EMB, MODELS / "head.pt", seed=p.seed, val_fraction=s.val_fraction, betas=s.betas,
+        FEATURES, head_cr_input(MODELS / "head.pt"), MODELS / "head.pt", seed=p.seed, val_fraction=s.val_fraction, betas=s.betas,
         thresholds=s.thresholds, min_selected=s.min_selected,
     )
     write_parquet(PSEUDO, labels.table())
-    metrics = labels.metrics()
+    cr = cr_card(load_torch(MODELS / "head.pt")["arch"].get("cr_input"))
+    metrics = {**labels.metrics(), "cr_random_weights": bool(cr.get("cr_random_weights", False))}
     write_json(METRICS / "pseudo_search.json", metrics)
     write_json(PSEUDO.parent / "grid.json", labels.search["grid"])
-    with stage_run(p.mlflow, "pseudo_search", config={"pseudo_search": as_dict(s), "seed": p.seed}, tags={"data": p.data.name, **weights_tags(card)}):
+    with stage_run(p.mlflow, "pseudo_search", config={"pseudo_search": as_dict(s), "seed": p.seed}, tags={"data": p.data.name, **weights_tags(card), **cr_tags(cr)}):
         import mlflow
 
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})

@@ -9,6 +9,7 @@ import torch
 
 from pipelines.config import TrainParams
 from pipelines.io import atomic_path, write_json
+from pipelines.ranking.backbone import cr_tags
 from pipelines.tracking.runs import stage_run, tracking_uri, weights_tags
 from pipelines.train.runner import run_training
 from stages.common import METRICS, params, weights_card
@@ -23,8 +24,12 @@ def train_stage(
     inputs: list[Path],
     model_out: Path,
     extra: dict[str, Any] | None = None,
+    cr: Callable[[dict], dict] | None = None,
 ) -> dict[str, Any]:
-    """Fit ``loop`` under an MLflow run, save its final state to ``model_out``, write metrics."""
+    """Fit ``loop`` under an MLflow run, save its final state to ``model_out``, write metrics.
+
+    ``cr(state)``: the E_CR card of the trained state (``pipelines.ranking.backbone.cr_card``),
+    stamped on the metrics and the run's tags (random backbone weights loudly)."""
     p = params()
     card = weights_card()
     config = {
@@ -55,6 +60,10 @@ def train_stage(
             metrics["val_srcc"] = state.get("selected_val_srcc", history["val_srcc"])
         elif "loss" in history:
             metrics["loss"] = history["loss"]
+        if cr is not None:  # which E_CR: a boolean here, the names in the run's tags
+            cr_card = cr(state)
+            metrics["cr_random_weights"] = bool(cr_card.get("cr_random_weights", False))
+            mlflow.set_tags(cr_tags(cr_card))
         if "selected_epoch" in state:
             metrics["selected_epoch"] = state["selected_epoch"]
         write_json(METRICS / f"{stage}.json", metrics)

@@ -24,7 +24,9 @@ TINY = {
     "tags": {"min_count": 2},
     "embed": {"model": "tests/assets/iaa-tiny-clip.json", "pretrained": "none", "batch_size": 16, "num_workers": 1},
     "features": {"n_clusters": 3},
-    "pretrain": {"epochs": 3, "batches_per_cluster": 4, "hidden": 64, "dim": 32, "ray": {"num_workers": 1}},
+    "pretrain": {"epochs": 3, "batches_per_cluster": 4, "hidden": 64, "dim": 32, "ray": {"num_workers": 1},
+                 "image": {"backbone": "test_efficientnet", "image_size": 24, "resize": 32, "epochs": 1,
+                           "batches_per_cluster": 2, "loader_workers": 1, "batch_size": 32}},
     # lr 2e-3, so that the experiment `-S head.lr=1e-3` is a change
     "head": {"epochs": 6, "lr": 2e-3, "tm_dim": 32, "cr_dim": 32, "hidden": 64, "ray": {"num_workers": 0}},
     # 15 validation images: let a weak tiny head still select a few pseudo labels
@@ -173,6 +175,23 @@ def test_dvc_repro_end_to_end(baseline):
     assert "Running stage 'family'" in exp.stdout and "Running stage 'head'" not in exp.stdout
     family = json.loads((repo / "metrics/family.json").read_text())
     assert family["registered_model"] == "mnet" and np.isfinite(family["mnet"]["srcc"])
+
+    # E_CR on pixels: one key reruns pretrain and what follows, nothing before it
+    exp = dvc(repo, env, "exp", "run", "-S", "pretrain.encoder=image")
+    ran = {line.split("'")[1] for line in exp.stdout.splitlines() if line.startswith("Running stage")}
+    assert ran == {"pretrain", "cr_features", "head", "pseudo_search", "selftrain", "evaluate"}, ran
+    for f in ("pretrain", "head", "selftrain", "pseudo_search", "eval"):  # the random backbone is stamped
+        assert json.loads((repo / f"metrics/{f}.json").read_text())["cr_random_weights"] is True, f
+    details = json.loads((repo / "metrics/details/eval.json").read_text())
+    card = json.loads((repo / "models/model_card.json").read_text())
+    for d in (details, card):
+        assert d["cr_backbone"] == "test_efficientnet" and "not a real result" in d["CR_WARNING"]
+    preds = pd.read_csv(repo / "plots/pred_vs_true.csv")
+    model = mlflow.pyfunc.load_model(card["registered"], model_config={"path_root": str(repo)})  # CLIP + backbone + head
+    out = model.predict(pd.DataFrame({"path": paths}))
+    expected = preds.set_index("image_id").loc[ids, f"pred_{details['registered_model']}"].to_numpy()
+    np.testing.assert_allclose(out["score"].to_numpy(float)[:3], expected, atol=2e-3)
+    assert out["error"].iloc[3] and out["score"].iloc[3] is None
 
 
 def test_stage_reports_unknown_param(tmp_path):

@@ -27,16 +27,17 @@ Each epoch reports loss parts, ``val_emd2`` / ``val_srcc`` (rank 0), and the pre
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from pipelines.data.manifest import read_manifest, vote_distribution
+from pipelines.images import MEAN, STD, batch_loader, image_tensor, load_image, normalise, open_image, to_device  # noqa: F401 (re-exported)
 from pipelines.io import DataError
 from pipelines.metrics import dist_to_score, emd, srcc
 from pipelines.models import build, loss_terms, make_optimizer, resolve
@@ -52,47 +53,9 @@ from pipelines.train.runner import (
     worker_info,
 )
 
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 CORNER_GRID_MODES = ("off", "always", "with_mixed")
 SCHEDULES = ("single", "three_stage")
 ASPECTS = ("square", "keep")
-
-
-def open_image(path: str | Path) -> Image.Image:
-    """The file as a loaded RGB PIL image; an unreadable file is a ``DataError`` naming it."""
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, UnidentifiedImageError) as exc:
-        raise DataError(f"{path}: cannot read image ({exc}); fix or remove it from the label file.") from exc
-
-
-def image_tensor(im: Image.Image, size: tuple[int, int], mode: str = "resize") -> torch.Tensor:
-    """An RGB PIL image as a float tensor (3, h, w) in [0, 1]. ``resize``: to exactly h x w; ``pad``:
-    fit inside, keep the aspect ratio, centre on a constant (black) canvas; ``short_side``: keep
-    the aspect ratio, short side = ``size[0]`` (the seed-002 preprocessing; the long side follows)."""
-    im = im.convert("RGB")  # a no-op copy for RGB input
-    h, w = size
-    if mode == "resize":
-        im = im.resize((w, h), Image.BILINEAR)
-    elif mode == "short_side":
-        k = h / min(im.width, im.height)
-        im = im.resize((max(1, round(im.width * k)), max(1, round(im.height * k))), Image.BILINEAR)
-    elif mode == "pad":
-        x0, y0, x1, y1 = pad_box(im.width, im.height, size)
-        canvas = Image.new("RGB", (w, h), (0, 0, 0))
-        canvas.paste(im.resize((x1 - x0, y1 - y0), Image.BILINEAR), (x0, y0))
-        im = canvas
-    else:
-        raise ValueError(f"mode must be 'resize', 'short_side' or 'pad', got {mode!r}")
-    arr = np.asarray(im, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
-
-
-def load_image(path: str | Path, size: tuple[int, int], mode: str = "resize") -> torch.Tensor:
-    """``image_tensor(open_image(path), size, mode)``: the file as a float tensor (3, h, w) in [0, 1]."""
-    return image_tensor(open_image(path), size, mode)
 
 
 def predict_mode(aspect: str) -> str:
@@ -100,10 +63,6 @@ def predict_mode(aspect: str) -> str:
     if aspect not in ASPECTS:
         raise DataError(f"model.aspect = {aspect!r}; use one of {ASPECTS}.")
     return "resize" if aspect == "square" else "short_side"
-
-
-def normalise(x: torch.Tensor) -> torch.Tensor:
-    return (x - MEAN) / STD
 
 
 def stage_of(epoch: int, config: dict, switch_epoch: int | None) -> tuple[tuple[int, int], str, int]:
@@ -142,6 +101,11 @@ def load_batch(paths: list[str], size, mode, *, flip: torch.Tensor | None = None
     w = max(x.shape[2] for x in imgs)
     # keep-aspect batches: pad bottom / right with 0 (the mean colour after normalisation)
     return torch.stack([torch.nn.functional.pad(x, (0, w - x.shape[2], 0, h - x.shape[1])) for x in imgs])
+
+
+def _train_batch(paths: list[str], size, mode, grid_r: float | None, spec) -> torch.Tensor:
+    rows, flip, crop = spec
+    return load_batch([paths[int(i)] for i in rows], size, mode, flip=flip, crop=crop, grid_r=grid_r)
 
 
 @torch.no_grad()
@@ -213,14 +177,17 @@ def image_family_loop(config: dict) -> None:
         perm = torch.randperm(len(train), generator=gen)
         mine = perm[rank::world]
         totals: dict[str, float] = {}
+        specs = []  # (rows, flips) per batch, drawn in batch order; decoded by the shared loader
         for b in range(n_batches):
             rows = mine[b * bs : (b + 1) * bs]
             if len(rows) < 2:
                 rows = mine[:bs]
             flip = torch.rand(len(rows), generator=gen) < 0.5 if config.get("hflip", True) else None
             crop = torch.rand(len(rows), 2, generator=gen) if use_crop else None
-            x = load_batch([train_paths[int(i)] for i in rows], size, mode, flip=flip, crop=crop,
-                           grid_r=config.get("corner_grid_r", 0.1) if use_grid else None).to(device)
+            specs.append((rows, flip, crop))
+        make = functools.partial(_train_batch, train_paths, size, mode, config.get("corner_grid_r", 0.1) if use_grid else None)
+        for (rows, _, _), x in zip(specs, batch_loader(specs, make, workers=config.get("loader_workers", 0), device=device), strict=True):
+            x = to_device(x, device)
             y = dist[rows].to(device)
             parts: dict = {}
 

@@ -308,9 +308,17 @@ class TMCRScorer(Scorer):
         self.tag_emb, self.scale, self.card = b["tag_emb"].numpy(), float(b["scale"]), card
         kinds = np.asarray(self.kinds)
         self.names = {k: self.tags[kinds == k] for k in ("semantic", "attribute")}
+        from pipelines.ranking.cr_features import cr_backbone_from_bundle
+
+        self.cr_backbone = cr_backbone_from_bundle(b.get("cr_encoder"))  # image E_CR: its CR input from pixels
 
     def transform(self, image) -> Any:
-        return self.decoder.transform(image)  # the embed stage's per-image step (uint8 array)
+        item = self.decoder.transform(image)  # the embed stage's per-image step (uint8 array)
+        if self.cr_backbone is None:
+            return item
+        from pipelines.ranking.cr_features import cr_views
+
+        return item, cr_views(self.cr_backbone, [image])[0]  # + the image E_CR's evaluation view
 
     def check_params(self, params: dict[str, Any] | None) -> dict[str, Any]:
         top_k = (params or {}).get("top_k", 3)
@@ -323,11 +331,15 @@ class TMCRScorer(Scorer):
         from pipelines.semantics import tag_matching
         from pipelines.train.loops import predict_logits
 
+        views = None
+        if self.cr_backbone is not None:
+            items, views = [i for i, _ in items], torch.stack([v for _, v in items])
         x = self.decoder.collate(items)  # the embed stage's collate (bit-identical input)
         emb = self.encode(x).numpy()  # embed: the image tower on the embed stage's precision path
         sem, attr = tag_matching(emb, self.tag_emb, self.kinds, scale=self.scale)  # TM features, as stage features
         # head (E_CR inside): a head whose E_CR reads pixels takes ``x`` here
-        probs = torch.softmax(torch.from_numpy(predict_logits(self.head, np.concatenate([sem, attr], 1), emb)), 1).numpy()
+        cr_in = emb if views is None else self.cr_backbone.embed(views).float().numpy()  # the CR-feature cache's values
+        probs = torch.softmax(torch.from_numpy(predict_logits(self.head, np.concatenate([sem, attr], 1), cr_in)), 1).numpy()
         k = params["top_k"]
         out = score_rows(probs)
         for row, s, a in zip(out, sem, attr, strict=True):
@@ -386,10 +398,12 @@ class ScoringModel(mlflow.pyfunc.PythonModel):
 
 
 def make_bundle(path: Path, *, head_state: dict, card: dict, tags: list[str], kinds: list[str], tag_emb: np.ndarray,
-                logit_scale: float, precision: str = "fp32", batch_size: int = 64) -> None:
+                logit_scale: float, precision: str = "fp32", batch_size: int = 64, cr_encoder: dict | None = None) -> None:
     """Write the TMCR scoring bundle: plain data only (tensors, dicts, lists, str, numbers), so that
     it loads with ``weights_only=True``. ``precision`` / ``batch_size``: the embed stage's path
-    (``precision_used`` of the embedding cache's meta) and batch size, which the scorer reuses."""
+    (``precision_used`` of the embedding cache's meta) and batch size, which the scorer reuses.
+    ``cr_encoder``: the image E_CR's spec + backbone weights (``pipelines.ranking.cr_features.bundle_cr_encoder``),
+    whose features are the head's CR input; None when E_CR reads the CLIP embedding."""
     from pipelines.embed.encode import BUILDERS
     from pipelines.io import atomic_path
 
@@ -399,7 +413,7 @@ def make_bundle(path: Path, *, head_state: dict, card: dict, tags: list[str], ki
         "arch": head_state["arch"], "model": head_state["model"], "card": dict(card),
         "tags": [str(t) for t in tags], "kinds": [str(k) for k in kinds],
         "tag_emb": torch.tensor(np.asarray(tag_emb, np.float32)), "scale": float(logit_scale),
-        "precision": str(precision), "batch_size": int(batch_size),
+        "precision": str(precision), "batch_size": int(batch_size), "cr_encoder": cr_encoder,
     }
     with atomic_path(path) as tmp:
         torch.save(bundle, tmp)

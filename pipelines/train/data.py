@@ -43,6 +43,7 @@ class FeatureSet:
         return self.dist.shape[1]
 
 
+CR_FEATURES_KIND = "cr_features"  # the ``kind`` in the fingerprint of a CR-feature cache (``pipelines.ranking.cr_features``)
 EMB_DIM_KEY = b"emb_dim"  # features-table schema metadata: the embedding width its TM features came from
 
 
@@ -113,9 +114,13 @@ def _join_embeddings(features: Path, cache: Path, image_id: np.ndarray, emb_dim:
 
     from pipelines.embed.cache import read_image_embeddings
 
+    from pipelines.embed.cache import read_meta
+
     ids, emb = read_image_embeddings(cache)
     fix = "rerun `dvc repro features` (after `dvc repro embed`)"
-    if emb_dim is not None and emb.shape[1] != int(emb_dim):
+    # a CR-feature cache (image E_CR's backbone features) has its own width; only CLIP caches must match
+    clip_cache = (read_meta(cache) or {}).get("fingerprint", {}).get("kind") != CR_FEATURES_KIND
+    if clip_cache and emb_dim is not None and emb.shape[1] != int(emb_dim):
         raise DataError(
             f"{features}: built from {int(emb_dim)}-d embeddings, but {cache} holds {emb.shape[1]}-d ones; {fix}."
         )

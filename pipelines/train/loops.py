@@ -1,23 +1,33 @@
 """Ray Train loops: contrastive pretraining of E_CR, and head / self-training.
 
 Each loop is a plain function of a config dict (all paths absolute) that Ray Train runs
-on every worker. Workers split each epoch's batches by rank and average gradients
-(``sync_gradients``); rank 0 logs to MLflow and checkpoints.
+on every worker. Workers split each epoch's batches by rank; rank 0 logs to MLflow and
+checkpoints. Pretraining averages gradients with DDP (``ray.train.torch.prepare_model``); the
+head keeps ``sync_gradients`` (one all-reduce per step, as DDP does), because its step calls
+``fuse`` / TFA / ``classify`` separately rather than one ``forward``, which DDP hooks.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import time
 
 import numpy as np
 import pandas as pd
+import ray.train.torch
 import torch
 from tqdm import tqdm
 
 from pipelines.heads.losses import emd_loss, flsa_loss
 from pipelines.heads.model import TMCRHead
 from pipelines.heads.tfa import tfa_mix
+from pipelines.images import batch_loader, check_images, to_device, view_batch
+from pipelines.io import DataError
 from pipelines.metrics import dist_to_score, emd, srcc
+from pipelines.ranking.backbone import ImageCREncoder, sub_state
+from pipelines.ranking.cr_features import image_paths
 from pipelines.ranking.encoder import CREncoder
 from pipelines.ranking.index import BalancedBatchSampler, score_bins
 from pipelines.ranking.loss import traversal_contrastive_loss
@@ -33,46 +43,137 @@ def _seed(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+ENCODERS = ("embedding", "image")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``precision`` on ``device`` (None: fp32). ``auto``: bf16 on a CUDA GPU
+    that has it, else fp16 (with a GradScaler); fp32 on CPU (bf16 matmul is ~100x slower than fp32
+    on AVX2-only CPUs; ask for ``bf16`` where a CPU has it)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def steps_of(batches_per_step: int | str, world: int) -> int:
+    """Balanced batches per optimizer step (all workers together): ``auto`` = one per worker."""
+    n = world if batches_per_step == "auto" else int(batches_per_step)
+    if n < 1 or n % world:
+        raise ValueError(f"pretrain.batches_per_step = {batches_per_step!r}: need a multiple of the {world} worker(s), or auto")
+    return n
+
+
+def _rows_tensor(emb: torch.Tensor, spec) -> torch.Tensor:
+    return emb[torch.from_numpy(np.asarray(spec[0], dtype=np.int64))]
+
+
+def _rows_views(paths: list[str], size: int, resize: int, hflip: bool, spec) -> torch.Tensor:
+    rows, seed = spec
+    return view_batch([paths[int(i)] for i in rows], size, resize, seed=seed, hflip=hflip)
+
+
+def pretrain_images(config: dict, train) -> list[str]:
+    """The image file of every train row (``config``: ``manifest_path``, ``root``), checked on disk
+    for the rows the balanced sampler can pick."""
+    paths = image_paths(config["manifest_path"], train.image_id, config["root"])
+    index = pd.read_parquet(config["index_path"])
+    picked = sorted({int(r) for m in index.loc[index["active"], "members"] for r in m})
+    check_images([paths[r] for r in picked], what="rows the balanced sampler picks (pretrain.encoder: image)",
+                 fix="restore the files or rebuild the manifest (`dvc repro prepare`), then rerun `dvc repro pretrain`.")
+    return paths
+
+
 def pretrain_loop(config: dict) -> None:
-    """Traversal contrastive learning on balanced-level batches (TMCR sec. 3.3)."""
+    """Traversal contrastive learning on balanced-level batches (TMCR sec. 3.3).
+
+    ``config["encoder"]``: ``embedding`` (the MLP E_CR over the cached CLIP embedding) or
+    ``image`` (``config["image"]``: a timm / torchvision backbone under the same MLP, trained on
+    pixels with TMCR's augmentation, decoded by ``loader_workers`` processes; autocast per
+    ``precision``). One optimizer step takes ``batches_per_step`` balanced batches (``auto``: one
+    per worker); each worker takes its own share of them (rank-aware shards), accumulates their
+    gradients, and DDP (``ray.train.torch.prepare_model``) averages them across workers: the
+    step is the same as one worker taking all of them.
+    """
     rank, world, device = worker_info()
     gen = _seed(config["seed"])
-    train = load_features(config["features_path"], config["embeddings_path"]).split_of("train")
+    encoder = config.get("encoder", "embedding")
+    if encoder not in ENCODERS:
+        raise ValueError(f"pretrain.encoder must be one of {ENCODERS}, got {encoder!r}")
+    image = encoder == "image"
+    train = load_features(config["features_path"], None if image else config["embeddings_path"]).split_of("train")
     index = pd.read_parquet(config["index_path"])
     # N_s per cluster comes from the index stage (`index.n_per_bin`)
     sampler = BalancedBatchSampler(index, batches_per_cluster=config["batches_per_cluster"], seed=config["seed"])
-    emb = torch.from_numpy(train.emb)
     bins = torch.from_numpy(score_bins(train.score, low=config["low"], high=config["high"]).astype(np.int64))
-    enc = CREncoder(emb.shape[1], config["hidden"], config["dim"], config["dropout"]).to(device)
-    opt = torch.optim.AdamW(enc.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    per_step = steps_of(config.get("batches_per_step", "auto"), world)
+    local = per_step // world
+    if image:
+        img = config["image"]
+        paths = pretrain_images(config, train)
+        enc = ImageCREncoder(img["backbone"], config["hidden"], config["dim"], config["dropout"], image_size=img["image_size"],
+                             resize=img["resize"], weights=img["weights"])
+        groups = [{"params": list(enc.backbone.parameters()), "lr": img["backbone_lr"]}, {"params": list(enc.proj.parameters())}]
+        make = functools.partial(_rows_views, paths, img["image_size"], img["resize"], img.get("hflip", True))
+        dtype, workers = amp_dtype(img.get("precision", "auto"), device), img.get("loader_workers", 0)
+    else:
+        emb = torch.from_numpy(train.emb)
+        enc = CREncoder(emb.shape[1], config["hidden"], config["dim"], config["dropout"])
+        groups = [{"params": list(enc.parameters())}]
+        make, dtype, workers = functools.partial(_rows_tensor, emb), None, 0
+    enc.to(device)
+    opt = torch.optim.AdamW(groups, lr=config["lr"], weight_decay=config["weight_decay"])
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start = 0
     if (state := load_resume_state(config)) is not None:
         enc.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        opt.load_state_dict(state["optimizer"])  # after the move: its state lands on the parameters' device
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         start = state["epoch"] + 1
         restore_rng(state.get("rng"), gen)
+    model = ray.train.torch.prepare_model(enc) if world > 1 else enc  # DDP across workers
     log = EpochLogger(config.get("tracking_uri"), config.get("run_id")) if rank == 0 else None
     for epoch in tqdm(range(start, config["epochs"]), desc="pretrain", disable=rank != 0, initial=start, total=config["epochs"]):
         batches = sampler.epoch(epoch)
-        batches = batches[: len(batches) // world * world][rank::world]
+        n_steps = len(batches) // per_step
+        if n_steps == 0:
+            raise DataError(f"pretrain: an epoch has {len(batches)} balanced batches, fewer than batches_per_step = {per_step}; "
+                            "raise pretrain.batches_per_cluster or lower pretrain.batches_per_step.")
+        # this worker's share of each step: batches [rank * local, (rank + 1) * local) of the step's group
+        specs = [(batches[s * per_step + j], (config["seed"], epoch, s * per_step + j))
+                 for s in range(n_steps) for j in range(rank * local, (rank + 1) * local)]
         enc.train()
-        total, n = 0.0, 0
-        for rows in batches:
-            rows_t = torch.from_numpy(np.asarray(rows, dtype=np.int64))
-            z = enc(emb[rows_t].to(device))
-            loss = traversal_contrastive_loss(z, bins[rows_t].to(device), tau=config["tau"])
-            opt.zero_grad()
-            loss.backward()
-            sync_gradients(enc, world)
-            opt.step()
-            total, n = total + loss.item(), n + 1
-        metrics = {"epoch": epoch, "loss": total / max(n, 1), "batches": n}
+        total, n, t0 = 0.0, 0, time.perf_counter()
+        views = iter(batch_loader(specs, make, workers=workers, device=device))
+        for s in range(n_steps):
+            opt.zero_grad(set_to_none=True)
+            for j in range(local):
+                rows = specs[s * local + j][0]
+                x = to_device(next(views), device)
+                last = j == local - 1
+                with model.no_sync() if world > 1 and not last else contextlib.nullcontext():
+                    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                        z = model(x)
+                    loss = traversal_contrastive_loss(z.float(), bins[rows].to(device), tau=config["tau"])
+                    scaler.scale(loss / local).backward()
+                total, n = total + loss.item(), n + 1
+            scaler.step(opt)
+            scaler.update()
+        seconds = time.perf_counter() - t0
+        metrics = {"epoch": epoch, "loss": total / max(n, 1), "batches": n, "steps": n_steps,
+                   "images_per_s": sum(len(b) for b, _ in specs) * world / max(seconds, 1e-9)}
         state = None
         if rank == 0:
             log(metrics, epoch)
             state = {
-                "model": enc.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "spec": enc.spec(),
-                "started_at_epoch": start, "rng": rng_state(gen), "metrics": metrics,
+                "model": enc.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                "spec": enc.spec(), "started_at_epoch": start, "precision": str(dtype or torch.float32).removeprefix("torch."),
+                "rng": rng_state(gen), "metrics": metrics,
             }
         report_epoch(metrics, state, config, rank)
 
@@ -80,15 +181,21 @@ def pretrain_loop(config: dict) -> None:
 def build_head(config: dict, tm_in: int, emb_dim: int, n_levels: int) -> tuple[TMCRHead, dict]:
     """The head described by ``config['head']``, with the pretrained E_CR when used.
 
+    With the image E_CR (linear probe), the head's E_CR is its projection MLP over the
+    backbone features that the CR-feature cache holds (``emb``); ``arch["cr_input"]`` records
+    the whole encoder's spec, so scoring knows to compute those features from pixels.
     Returns the model and its architecture dict (``head_from_arch`` rebuilds it).
     """
-    cr_spec, cr_weights = None, None
+    cr_spec, cr_weights, cr_input = None, None, None
     if config["head"]["use_cr"]:
-        cr_state = torch.load(config["cr_path"], map_location="cpu", weights_only=False)
+        cr_state = torch.load(config["cr_path"], map_location="cpu", weights_only=True)
         cr_spec, cr_weights = cr_state["spec"], cr_state["model"]
+        if cr_spec.get("kind") == "image":
+            cr_input, cr_weights = cr_spec, sub_state(cr_weights, "proj")
+            cr_spec = {k: cr_spec[k] for k in ("in_dim", "hidden", "dim", "dropout")}
         if cr_spec["in_dim"] != emb_dim:
             raise ValueError(f"CR encoder expects {cr_spec['in_dim']}-d embeddings, features have {emb_dim}")
-    arch = {"tm_in": tm_in, "n_levels": n_levels, "cr_spec": cr_spec, "head": config["head"]}
+    arch = {"tm_in": tm_in, "n_levels": n_levels, "cr_spec": cr_spec, "cr_input": cr_input, "head": config["head"]}
     model = head_from_arch(arch)
     if cr_weights is not None:
         model.cr.load_state_dict(cr_weights)
@@ -108,7 +215,7 @@ def head_from_arch(arch: dict) -> TMCRHead:
 
 def load_head(path) -> TMCRHead:
     """A trained head from a model file written by the head / selftrain stage."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     model = head_from_arch(state["arch"])
     model.load_state_dict(state["model"])
     return model.eval()
@@ -164,7 +271,7 @@ def supervised_loop(config: dict) -> None:
     model, arch = build_head(config, train.tm.shape[1], train.emb.shape[1], train.n_levels)
     model.fit_normaliser(torch.from_numpy(train.tm))
     if config.get("init_path"):  # self-training starts from the trained head
-        model.load_state_dict(torch.load(config["init_path"], map_location="cpu", weights_only=False)["model"])
+        model.load_state_dict(torch.load(config["init_path"], map_location="cpu", weights_only=True)["model"])
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config["lr"], weight_decay=h["weight_decay"])
