@@ -68,6 +68,11 @@ class FeaturesParams:
     n_clusters: int = 8
     # Multiply cosine similarities by CLIP's logit scale, as the TMCR authors' code does.
     logit_scale: bool = True
+    # K-means estimator (pipelines.semantics.fit_kmeans): sample (Lloyd's on at most
+    # kmeans_fit_rows training rows) | minibatch | full (every training row)
+    kmeans: str = "sample"
+    kmeans_fit_rows: int = 50_000
+    kmeans_n_init: int | str = "auto"  # auto: 10 restarts up to 10,000 fitted rows, else 3
 
 
 @dataclass(frozen=True)
@@ -174,6 +179,7 @@ class AmpParams:
     dtype: str = "auto"  # auto (fp16 on CUDA; bf16 on CPU only where faster than fp32, else fp32) | fp16 | bf16 | fp32
     init_tau: int = 16
     growth_interval: int = 200
+    monitor: str = "auto"  # format the overflow monitor checks: auto (the low dtype; fp16 for an fp32 stand-in) | fp16 | bf16 | fp32
 
 
 @dataclass(frozen=True)
@@ -213,7 +219,10 @@ class ModelParams:
     image_size: int = 224
     hflip: bool = True
     aspect: str = "square"  # square | keep (short side = image_size, aspect ratio kept)
-    corner_grid: str = "with_mixed"  # off | always | with_mixed
+    optimizer: str = "auto"  # auto (the family's: adam for both, see pipelines.models) | adam | sgd
+    momentum: float = 0.9  # sgd only
+    crop: str = "auto"  # auto (mnet random, aesaf off) | off | random (resize to image_size * 256/224, random crop)
+    corner_grid: str = "auto"  # auto (mnet with_mixed, aesaf off) | off | always | with_mixed
     corner_grid_r: float = 0.1
     schedule: str = "single"  # single | three_stage
     stage2_size: list[int] = field(default_factory=lambda: [248, 312])  # [h, w]

@@ -62,15 +62,17 @@ def register_family(p: Params, family: str, test_metrics: dict, val_srcc: float,
 def load_family_params(path: str | Path = "params.yaml") -> tuple[Params, ModelParams]:
     p = load_params(path)
     model = p.model
-    from pipelines.models import FAMILIES
+    from pipelines.models import CROPS, FAMILIES, OPTIMIZERS
 
     if model.family not in FAMILIES:
         raise DataError(f"{path}: model.family = {model.family!r}; known families: {', '.join(sorted(FAMILIES))}.")
     from pipelines.models.image_loop import ASPECTS, CORNER_GRID_MODES, SCHEDULES
 
+    precisions = ("auto", "fp16", "bf16", "fp32")
     choices = {
-        "corner_grid": (model.corner_grid, CORNER_GRID_MODES), "schedule": (model.schedule, SCHEDULES),
-        "aspect": (model.aspect, ASPECTS), "amp.dtype": (model.amp.dtype, ("auto", "fp16", "bf16", "fp32")),
+        "corner_grid": (model.corner_grid, ("auto", *CORNER_GRID_MODES)), "schedule": (model.schedule, SCHEDULES),
+        "crop": (model.crop, ("auto", *CROPS)), "optimizer": (model.optimizer, ("auto", *OPTIMIZERS)),
+        "aspect": (model.aspect, ASPECTS), "amp.dtype": (model.amp.dtype, precisions), "amp.monitor": (model.amp.monitor, precisions),
         "mnet.loss": (model.mnet.loss, ("re_emd", "emd")), "aesaf.backbone": (model.aesaf.backbone, ("small", "vgg16")),
     }
     for key, (value, allowed) in choices.items():  # fail here, not inside a Ray worker
@@ -82,7 +84,12 @@ def load_family_params(path: str | Path = "params.yaml") -> tuple[Params, ModelP
 
 
 def family_config(m: ModelParams, seed: int) -> dict[str, Any]:
+    """The loop's config: the family's options block, and ``auto`` training keys resolved to the family's defaults."""
+    from pipelines.models import resolve
+
     d = as_dict(m)
+    for key in ("optimizer", "crop", "corner_grid"):
+        d[key] = resolve(m.family, key, d[key])
     d.pop("ray")
     options = d.pop("mnet") if m.family == "mnet" else d.pop("aesaf")
     d.pop("mnet", None), d.pop("aesaf", None)

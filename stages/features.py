@@ -5,7 +5,7 @@ import numpy as np
 from pipelines.data.manifest import read_manifest, vote_distribution
 from pipelines.embed.encode import read_image_embeddings, read_text_embeddings
 from pipelines.io import DataError, write_json
-from pipelines.semantics import semantic_clusters, tag_matching
+from pipelines.semantics import cluster_means, kmeans_space, semantic_clusters, tm_features
 from pipelines.train.data import write_features_table
 from stages.common import FEATURES, IMAGE_EMB, MANIFEST, TAG_EMB, cli, params, weights_card
 
@@ -13,6 +13,7 @@ from stages.common import FEATURES, IMAGE_EMB, MANIFEST, TAG_EMB, cli, params, w
 @cli
 def main() -> None:
     p = params()
+    f = p.features
     card = weights_card()
     ids, emb = read_image_embeddings(IMAGE_EMB)
     manifest = read_manifest(MANIFEST).set_index("image_id")
@@ -20,29 +21,40 @@ def main() -> None:
     if missing:
         raise DataError(f"{IMAGE_EMB}: {len(missing)} embedded ids are not in {MANIFEST} (e.g. {missing[0]}); rerun `dvc repro embed`.")
     rows = manifest.loc[ids].reset_index()
+    del manifest
     tags, kinds, tag_emb = read_text_embeddings(TAG_EMB)
-    scale = card["logit_scale"] if p.features.logit_scale else 1.0
-    sim_sem, sim_attr = tag_matching(emb, tag_emb, kinds, scale=scale)
+    scale = card["logit_scale"] if f.logit_scale else 1.0
+    # K-means sees the semantic TM geometry exactly, in at most D dims (not M); clustering
+    # before the TM table exists keeps the two large arrays from being alive at once
+    space = kmeans_space(emb, tag_emb[np.asarray(kinds) == "semantic"], scale=scale)
     split = rows["split"].to_numpy()
-    clusters = semantic_clusters(sim_sem, p.features.n_clusters, p.seed, fit_mask=split == "train")
-    dist = vote_distribution(rows)
+    clusters = semantic_clusters(space, f.n_clusters, p.seed, fit_mask=split == "train", method=f.kmeans,
+                                 fit_rows=f.kmeans_fit_rows, n_init=f.kmeans_n_init)
+    del space
+    tm, n_sem = tm_features(emb, tag_emb, kinds, scale=scale)  # [semantic | attribute] columns
+    emb_dim = emb.shape[1]
+    del emb  # the embeddings themselves stay in IMAGE_EMB (joined on load)
+    sim_sem = tm[:, :n_sem]
+    means = cluster_means(sim_sem, clusters, f.n_clusters)
     write_features_table(
         FEATURES,
         image_id=rows["image_id"].to_numpy(),
         split=split,
         score=rows["score"].to_numpy(dtype=np.float32, na_value=np.nan),
-        dist=dist,
+        dist=vote_distribution(rows),
         cluster=clusters,
-        tm=np.concatenate([sim_sem, sim_attr], axis=1),
-        emb_dim=emb.shape[1],  # the embeddings themselves stay in IMAGE_EMB (joined on load)
+        tm=tm,
+        emb_dim=emb_dim,
     )
     sem_tags = np.asarray(tags)[np.asarray(kinds) == "semantic"]
-    summary = {}
-    for c in range(p.features.n_clusters):
-        members = clusters == c
-        top = np.argsort(-sim_sem[members].mean(0))[:5] if members.any() else []
-        summary[str(c)] = {"size": int(members.sum()), "top_semantic_tags": sem_tags[top].tolist()}
-    write_json(FEATURES.parent / "clusters.json", {"n_images": len(ids), "tm_dim": int(sim_sem.shape[1] + sim_attr.shape[1]), "clusters": summary})
+    sizes = np.bincount(clusters, minlength=f.n_clusters)
+    summary = {
+        str(c): {"size": int(sizes[c]), "top_semantic_tags": sem_tags[np.argsort(-means[c])[:5]].tolist() if sizes[c] else []}
+        for c in range(f.n_clusters)
+    }
+    write_json(FEATURES.parent / "clusters.json", {
+        "n_images": len(ids), "tm_dim": int(tm.shape[1]),
+        "kmeans": {"method": f.kmeans, "fit_rows": f.kmeans_fit_rows, "n_init": f.kmeans_n_init}, "clusters": summary})
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ loss-scaling / FP32-master-weight mechanics (fp16 on CPU for tiny models; no spe
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -14,8 +16,11 @@ from pipelines.models.amp import (
     PrecisionGate,
     grads_overflow,
     low_dtype,
+    monitor_dtype,
     theta,
 )
+
+FP16_MAX = 65504.0
 
 
 def ref_switch_epoch(flags, l1, l2, window=5):
@@ -196,3 +201,102 @@ def test_families_learn_through_the_gated_trainer(family, opts):
     with torch.no_grad():
         pred = dist_to_score(model(x[held])["probs"].numpy())
     assert srcc(pred, mu[held].numpy()) > 0.8
+
+
+# --------------------------------------------------------------------------- the overflow monitor
+def ref_scaler(peaks, init_tau=16, growth=200, limit=FP16_MAX):
+    """A dynamic loss scaler, step by step: overflow when peak * 2^tau > limit (or not finite);
+    back off by one on an overflow, grow by one after ``growth`` clean steps, tau in [0, 20]."""
+    tau, good, flags, taus = init_tau, 0, [], []
+    for g in peaks:
+        over = not math.isfinite(g) or g * 2.0 ** tau > limit
+        if over:
+            tau, good = max(tau - 1, 0), 0
+        else:
+            good += 1
+            if good >= growth:
+                tau, good = min(tau + 1, 20), 0
+        flags.append(over)
+        taus.append(tau)
+    return flags, taus
+
+
+def _peak_loss(peak):
+    """A loss whose gradient w.r.t. the single weight is exactly ``peak`` (x = 1, w starts at 0)."""
+    x = torch.ones(1, 1)
+    return lambda m, dt: peak * m(x.to(dt)).float().sum()
+
+
+def _fp32_monitor(growth=200, tau=16, l1=1.0, l2=0.2):
+    m = nn.Linear(1, 1, bias=False)
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)  # the weights do not matter here, the gradients do
+    return MixedPrecisionTrainer(m, opt, dtype=torch.float32, monitor=torch.float16, init_tau=tau, growth_interval=growth,
+                                 gate=PrecisionGate(l1=l1, l2=l2))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fp32_phase_monitor_is_the_dynamic_loss_scaler_step_by_step(seed):
+    rng = np.random.default_rng(seed)
+    peaks = (10.0 ** rng.uniform(-3, 1.5, 300)).tolist()  # 1e-3 .. 30, the range of M+MNet's early steps
+    peaks[50] = float("inf")
+    tr = _fp32_monitor(growth=7)
+    flags, taus = [], []
+    for g in peaks:
+        flags.append(tr.step(_peak_loss(g))[1])
+        taus.append(tr.tau)
+    ref_flags, ref_taus = ref_scaler(peaks, growth=7)
+    assert flags == ref_flags and taus == ref_taus
+    assert 0 < sum(flags) < len(flags) // 2  # it backs off and grows: overflows are the exception
+
+
+def test_gate_opens_once_the_scale_settles_and_stays_closed_while_overflows_persist():
+    """M+MNet at initialisation: the largest gradient is ~10 on every step. A fixed 2^16 scale
+    would call every step an overflow (O = 5 for ever); the scaler backs off to 2^12 within the
+    first epoch and then sees none, so only epoch 0 overflows and theta = 1 - 0.2 E reaches 0 at E = 5."""
+    tr = _fp32_monitor()
+    for epoch in range(8):
+        for _ in range(10):
+            tr.step(_peak_loss(10.0))
+        tr.end_epoch(epoch)
+    assert tr.gate.history == [True] + [False] * 7
+    assert tr.gate.switch_epoch == ref_switch_epoch(tr.gate.history, 1.0, 0.2) == 5
+    assert tr.tau == 12  # 10 * 2^12 = 40960 fits fp16, 10 * 2^13 does not: the scale the mixed phase starts from
+    assert 10.0 * 2 ** 16 > FP16_MAX  # what the fixed-scale monitor flagged on every step
+
+    # gradients that keep growing faster than the scaler can back off: every epoch overflows
+    tr = _fp32_monitor()
+    g = 10.0
+    for epoch in range(12):
+        for _ in range(4):
+            g *= 4.0  # x4 a step, the scaler halves: still an overflow
+            tr.step(_peak_loss(g if epoch < 8 else 1e-6))
+        tr.end_epoch(epoch)
+    assert tr.gate.history == [True] * 8 + [False] * 4
+    assert all(t > 0 for t in tr.gate.thetas[:11])  # closed while they persist, and until O = 1 at E = 12
+    assert tr.gate.switch_epoch == ref_switch_epoch(tr.gate.history, 1.0, 0.2) == 12
+
+
+def test_mixed_phase_of_an_fp32_stand_in_skips_what_fp16_would_overflow():
+    m = _lin(0.5)
+    before = m.weight.detach().clone()
+    opt = torch.optim.SGD(m.parameters(), lr=1.0)
+    tr = MixedPrecisionTrainer(m, opt, dtype=torch.float32, monitor=torch.float16, init_tau=16)
+    tr.gate.switch_epoch = 0
+    _, over = tr.step(lambda mod, dt: 2.0 * mod(torch.ones(1, 4, dtype=dt)).sum())  # 2 * 2^16 > 65504, finite in fp32
+    assert over and torch.equal(m.weight.detach(), before) and tr.tau == 15 and tr.skipped == 1
+    _, over = tr.step(lambda mod, dt: 2.0 * mod(torch.ones(1, 4, dtype=dt)).sum())  # 2 * 2^15 = 65536: still over
+    _, over = tr.step(lambda mod, dt: 2.0 * mod(torch.ones(1, 4, dtype=dt)).sum())  # 2 * 2^14 fits
+    assert not over and tr.tau == 14
+    np.testing.assert_allclose(m.weight.detach().numpy(), 0.5 - 2.0)  # unscaled FP32 gradient applied once
+    assert tr.end_epoch(0)["overflow_steps"] == 2.0
+    same = MixedPrecisionTrainer(_lin(0.5), torch.optim.SGD(_lin().parameters(), lr=1.0), dtype=torch.float32)
+    assert same.monitor == torch.float32  # without a monitor, the compute dtype's own range
+
+
+def test_monitor_dtype_auto_stands_fp16_in_for_fp32():
+    assert monitor_dtype("auto", torch.float32) == torch.float16  # CPU fallback: count fp16's overflows
+    assert monitor_dtype("auto", torch.float16) == torch.float16
+    assert monitor_dtype("auto", torch.bfloat16) == torch.bfloat16
+    assert monitor_dtype("fp32", torch.float32) == torch.float32
+    with pytest.raises(ValueError, match="monitor"):
+        monitor_dtype("int8", torch.float32)

@@ -291,10 +291,10 @@ def test_resume_after_sigkill(checkpoint: Path, photos, tmp_path: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, env=env)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 300  # a loaded machine starts Python slowly
         while not list(killed_dir.glob("part-00000-*.parquet")):
             assert proc.poll() is None, "embedding subprocess ended before writing a chunk"
-            assert time.monotonic() < deadline, "no chunk within 60 s"
+            assert time.monotonic() < deadline, "no chunk within 300 s"
             time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
     finally:

@@ -81,6 +81,8 @@ def test_family_stage_trains_and_writes_eval_shaped_metrics(demo, monkeypatch, f
             for k in ("mixed_precision", "loss", "corner_grid", "stage", "image_h")}
     assert hist["mixed_precision"] == [0.0, 1.0, 1.0]
     assert all(np.isfinite(hist["loss"]))
+    if family == "aesaf":
+        assert hist["corner_grid"] == [0.0, 0.0, 0.0]  # seed 002 augments with flips only
     if family == "mnet":
         assert hist["corner_grid"] == [0.0, 1.0, 1.0]  # Corner Grid from the precision switch on
         # three-stage schedule: 64 -> 72x56 padded from the switch -> 64 for the last epoch
@@ -132,6 +134,36 @@ def check_registered_model(demo: Path, client, run_id: str, family: str, on_disk
     table = score_files(model, [Path(p) for p in paths[:3]], batch_size=2, progress=False)
     assert table["error"].isna().all()
     np.testing.assert_allclose(table["score"].to_numpy(float), out["score"].to_numpy(float)[:3], atol=1e-5)
+
+
+def _fit_mnet_gate(demo: Path, monkeypatch, **amp) -> dict:
+    """M+MNet on the demo in fp32 with the fp16 overflow monitor (``amp.monitor: auto`` on CPU)."""
+    from pipelines.config import AmpParams, MnetParams, ModelParams, TrainParams
+    from pipelines.models.image_loop import image_family_loop
+    from pipelines.train.runner import run_training
+    from stages.family import family_config
+
+    monkeypatch.setenv("IAA_RUNS_DIR", str(demo / "runs"))
+    m = ModelParams(family="mnet", epochs=5, lr=1e-3, batch_size=8, image_size=32, amp=AmpParams(dtype="fp32", **amp),
+                    mnet=MnetParams(branch_blocks=4, fuse_channels=16), ray=TrainParams(num_workers=0))
+    config = {**family_config(m, 0), "manifest_path": str(demo / "data" / "manifest.parquet"), "root": str(demo)}
+    assert config["amp"]["monitor"] == "auto"
+    return run_training(image_family_loop, config, m.ray, stage="gate", inputs=[config["manifest_path"]])["amp"]
+
+
+def test_demo_gate_opens_once_the_loss_scale_settles_and_stays_closed_while_overflows_persist(demo, monkeypatch):
+    from tests.test_amp import ref_switch_epoch
+
+    # from 2^20 the scaler backs off within epoch 0 (an fp16 overflow epoch), then meets none
+    settled = _fit_mnet_gate(demo, monkeypatch, init_tau=20)
+    history, switch = settled["gate"]["history"], settled["gate"]["switch_epoch"]
+    assert history[0] and not any(history[1:switch])
+    assert switch == ref_switch_epoch(history, 1.0, 0.2) == 5  # O = 1 keeps theta = 1 - 0.2 E > 0 until E = 5
+    assert settled["tau"] < 20
+    # a scale that grows after every clean step probes past fp16's range every other step
+    persist = _fit_mnet_gate(demo, monkeypatch, init_tau=20, growth_interval=1)
+    assert all(persist["gate"]["history"]) and persist["gate"]["switch_epoch"] is None
+    assert all(t > 0 for t in persist["gate"]["thetas"])
 
 
 def test_unknown_model_key_names_the_dotted_key(demo, monkeypatch, tmp_path):

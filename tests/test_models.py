@@ -170,6 +170,82 @@ def test_corner_grid_uint8_rounds_and_clips():
     np.testing.assert_array_equal(out, np.round(ref * 255).astype(np.uint8).transpose(1, 2, 0))
 
 
+@pytest.mark.parametrize("img_hw", [(224, 224), (300, 400), (400, 250)])
+def test_stage2_corner_grid_lands_on_the_image_not_the_padding(tmp_path, img_hw):
+    """M+MNet stage 2: the image is fitted into 248 x 312 with constant padding; the cells go to
+    the corners of the pasted image, whose pixels alone give the means, and no padding pixel moves."""
+    from PIL import Image
+
+    from pipelines.models.augment import pad_box
+    from pipelines.models.image_loop import image_tensor, load_batch, normalise
+
+    h, w = img_hw
+    rng = np.random.default_rng(h + w)
+    arr = (rng.random((h, w, 3)) * np.array([230, 120, 40])).astype(np.uint8)  # a colour cast
+    Image.fromarray(arr).save(tmp_path / "im.png")
+    size = (248, 312)
+    plain = load_batch([str(tmp_path / "im.png")], size, "pad")[0]
+    grid = load_batch([str(tmp_path / "im.png")], size, "pad", grid_r=0.1)[0]
+    x0, y0, x1, y1 = pad_box(w, h, size)
+    assert (x1 - x0 == 312) or (y1 - y0 == 248)  # fitted: one side fills the canvas
+    canvas = image_tensor(Image.fromarray(arr), size, "pad")
+    content = canvas[:, y0:y1, x0:x1]
+    assert content.min(dim=0).values.max() > 0  # the box is the image ...
+    outside = torch.ones(size, dtype=torch.bool)
+    outside[y0:y1, x0:x1] = False
+    assert canvas[:, outside].abs().max() == 0 if outside.any() else True  # ... and the rest is padding
+    changed = (grid != plain).any(dim=0)
+    assert changed.sum() > 0 and not changed[outside].any()
+    expected = normalise(torch.from_numpy(ref_corner_grid(content.double().numpy(), 0.1)).float())
+    torch.testing.assert_close(grid[:, y0:y1, x0:x1], expected, atol=1e-5, rtol=0)
+    # flipped: the same grid, mirrored (the cells are symmetric, the box is recomputed on the flip)
+    flipped = load_batch([str(tmp_path / "im.png")], size, "pad", grid_r=0.1, flip=torch.tensor([True]))[0]
+    torch.testing.assert_close(flipped, normalise(corner_grid(canvas, 0.1, box=(x0, y0, x1, y1)).flip(-1)))
+    with pytest.raises(ValueError, match="box"):
+        corner_grid(canvas, 0.1, box=(0, 0, 400, 10))
+
+
+def test_stage1_random_crop_is_a_224_window_of_the_256_resize(tmp_path):
+    from PIL import Image
+
+    from pipelines.models.augment import crop_source, crops_in
+    from pipelines.models.image_loop import image_tensor, load_batch, normalise
+
+    arr = (np.random.default_rng(0).random((90, 140, 3)) * 255).astype(np.uint8)
+    Image.fromarray(arr).save(tmp_path / "im.png")
+    assert crop_source((224, 224)) == (256, 256) and crop_source((128, 128)) == (146, 146)
+    big = normalise(image_tensor(Image.fromarray(arr), (256, 256), "resize"))
+    for frac, (oy, ox) in [((0.0, 0.0), (0, 0)), ((0.9999, 0.9999), (32, 32)), ((0.5, 0.25), (16, 8))]:
+        got = load_batch([str(tmp_path / "im.png")], (224, 224), "resize", crop=torch.tensor([frac]))[0]
+        assert got.shape == (3, 224, 224)
+        torch.testing.assert_close(got, big[:, oy : oy + 224, ox : ox + 224])
+    flip = load_batch([str(tmp_path / "im.png")], (224, 224), "resize", crop=torch.tensor([[0.5, 0.25]]), flip=torch.tensor([True]))[0]
+    torch.testing.assert_close(flip, big[:, 16:240, 8:232].flip(-1))
+    # stage 1 (and the single schedule) crops square resizes; stage 2 (padded) and stage 3 do not
+    assert crops_in(1, "resize", "random") and not crops_in(1, "resize", "off")
+    assert not crops_in(2, "pad", "random") and not crops_in(3, "resize", "random") and not crops_in(1, "short_side", "random")
+
+
+def test_family_recipes_are_the_papers_and_params_override_them():
+    from pipelines.config import ModelParams
+    from pipelines.models import make_optimizer, resolve
+    from stages.family import family_config
+
+    mnet, aesaf = family_config(ModelParams(family="mnet"), 0), family_config(ModelParams(family="aesaf"), 0)
+    assert (mnet["optimizer"], mnet["crop"], mnet["corner_grid"]) == ("adam", "random", "with_mixed")
+    assert (aesaf["optimizer"], aesaf["crop"], aesaf["corner_grid"]) == ("adam", "off", "off")  # seed 002: flips only
+    assert aesaf["hflip"] and mnet["hflip"]
+    own = family_config(ModelParams(family="aesaf", corner_grid="always", optimizer="sgd", crop="random"), 0)
+    assert (own["optimizer"], own["crop"], own["corner_grid"]) == ("sgd", "random", "always")
+    assert resolve("aesaf", "corner_grid", "with_mixed") == "with_mixed"
+    w = [torch.nn.Parameter(torch.zeros(2))]
+    sgd = make_optimizer(w, "sgd", 0.01, 1e-4, momentum=0.9)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9 and sgd.defaults["weight_decay"] == 1e-4
+    assert isinstance(make_optimizer(w, "adam", 1e-3), torch.optim.Adam)
+    with pytest.raises(DataError, match="model.optimizer"):
+        make_optimizer(w, "lbfgs", 1e-3)
+
+
 # ----------------------------------------------------------------------------- SPP and the SAF module
 def ref_spp(x: np.ndarray, levels=(1, 2, 4)) -> np.ndarray:
     h, w = x.shape[2:]

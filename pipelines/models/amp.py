@@ -1,10 +1,16 @@
 """Gated mixed precision (M+MNet sec. 3.3, eq. 5).
 
-Training starts in full precision (FP32). Every step the gradients are *monitored*: a step
-"overflows" when a gradient, multiplied by the current loss scale, is not finite or would not
-fit the low-precision format (|g * scale| > the format's max). An epoch overflows when any of
-its steps did. After each epoch, with ``O`` = the number of overflowed epochs among the last
-``window`` (5) epochs and ``E`` = the number of epochs trained so far::
+Training starts in full precision (FP32). Every step the gradients are *monitored* by a dynamic
+loss scaler, the one the mixed phase will use: a step "overflows" when a gradient, multiplied by
+the current loss scale ``2^tau``, is not finite or would not fit the monitored low-precision
+format (``|g| * 2^tau > max``). Like a real scaler, the monitor backs off on an overflow (tau - 1)
+and grows again after ``growth_interval`` clean steps (tau + 1, tau <= 20), so ``O`` counts what
+the mixed phase would really have met: a burst of overflows while the scale finds its level,
+then only the occasional probe after a growth. (A fixed scale would flag every step whose
+largest gradient exceeds ``max / 2^16`` -- about 1 for fp16 --, which M+MNet's early steps all do,
+and keep the gate shut for over a hundred epochs.) An epoch overflows when any of its steps did.
+After each epoch, with ``O`` = the number of overflowed epochs among the last ``window`` (5)
+epochs and ``E`` = the number of epochs trained so far::
 
     theta = l1 * O^2 - l2 * E          (paper: l1 = 1, l2 = 0.2)
 
@@ -18,7 +24,8 @@ Mixed-precision steps (``MixedPrecisionTrainer.step``):
 1. the FP32 master weights are copied into a low-precision working copy of the model;
 2. forward in low precision, loss in FP32, multiplied by the loss scale ``2^tau`` (tau <= 20);
 3. backward through the working copy (low-precision gradients);
-4. overflow (a non-finite gradient): the batch is skipped, tau is decreased by 1;
+4. overflow (a non-finite gradient, or one beyond the monitored format's range): the batch is
+   skipped, tau is decreased by 1;
 5. otherwise the gradients are converted to FP32, divided by ``2^tau`` and accumulated into the
    FP32 master weights by the optimizer; after ``growth_interval`` clean steps tau grows by 1.
 
@@ -27,6 +34,12 @@ Low-precision dtype: ``auto`` = fp16 on CUDA; on CPU bf16 only where a bf16 matm
 matmuls are ~100x slower than fp32, so ``auto`` picks fp32 there: the gate, the loss scaling
 and the master-weight update all still run, in fp32 arithmetic. ``bf16`` forces bf16 (slow here);
 fp16 on CPU works for tests of tiny models but is slow too.
+
+Monitored format (``monitor``): ``auto`` = the low-precision dtype, except that an fp32 stand-in
+(CPU) is monitored as fp16 -- the overflows an fp16 run would meet are counted, the gate and the
+schedule that hangs on it (Corner Grid, stage 2) behave as on a GPU, and the mixed phase skips the
+batches fp16 would have lost. Only parameter gradients are checked (an fp16 backward could also
+overflow in an intermediate activation gradient, which the fp32 stand-in cannot see).
 """
 
 from __future__ import annotations
@@ -65,16 +78,23 @@ def low_dtype(name: str, device: torch.device | str, probe: Callable[[], float] 
     return DTYPES[name]
 
 
+def monitor_dtype(name: str, low: torch.dtype) -> torch.dtype:
+    """The format whose range the overflow monitor checks: ``auto`` = ``low``, but fp16 when
+    ``low`` is fp32 (the CPU stand-in); or an explicit ``fp16`` / ``bf16`` / ``fp32``."""
+    if name == "auto":
+        return torch.float16 if low == torch.float32 else low
+    if name not in DTYPES:
+        raise ValueError(f"amp monitor dtype must be auto, fp16, bf16 or fp32, got {name!r}")
+    return DTYPES[name]
+
+
 def grads_overflow(params: Iterable[nn.Parameter], scale: float, dtype: torch.dtype) -> bool:
     """True when some gradient times ``scale`` is non-finite or exceeds ``dtype``'s range."""
-    limit = torch.finfo(dtype).max
-    for p in params:
-        if p.grad is None:
-            continue
-        g = p.grad.detach().float()
-        if not torch.isfinite(g).all() or (g.abs().max() * scale > limit):
-            return True
-    return False
+    peaks = [p.grad.detach().abs().max().float() for p in params if p.grad is not None and p.grad.numel()]
+    if not peaks:
+        return False
+    peak = torch.stack(peaks).max()  # NaN and inf propagate
+    return bool(not torch.isfinite(peak) or peak * scale > torch.finfo(dtype).max)
 
 
 @dataclass
@@ -127,16 +147,21 @@ class MixedPrecisionTrainer:
         init_tau: int = 16,
         growth_interval: int = 200,
         grad_hook: Callable[[nn.Module], None] | None = None,
+        monitor: torch.dtype | None = None,
     ):
         if not 0 <= init_tau <= MAX_TAU:
             raise ValueError(f"init_tau must be in [0, {MAX_TAU}], got {init_tau}")
+        if growth_interval < 1:
+            raise ValueError(f"growth_interval must be >= 1, got {growth_interval}")
         self.model, self.opt, self.dtype = model, optimizer, dtype
+        self.monitor = monitor or dtype  # the format whose range an overflow is judged against
         self.gate = gate or PrecisionGate()
         self.tau, self.growth_interval, self.grad_hook = init_tau, growth_interval, grad_hook
         self._good = 0
         self._work: nn.Module | None = None
         self.epoch_overflow = False
         self.skipped = 0
+        self.overflow_steps = 0  # this epoch's, in either phase
 
     @property
     def scale(self) -> float:
@@ -154,6 +179,17 @@ class MixedPrecisionTrainer:
         self._work.train(self.model.training)
         return self._work
 
+    def _update_scale(self, over: bool) -> None:
+        """The dynamic loss scaler: back off on an overflow, grow after ``growth_interval`` clean steps."""
+        if over:
+            self.epoch_overflow = True
+            self.overflow_steps += 1
+            self.tau, self._good = max(self.tau - 1, 0), 0
+            return
+        self._good += 1
+        if self._good >= self.growth_interval:
+            self.tau, self._good = min(self.tau + 1, MAX_TAU), 0
+
     def step(self, loss_fn: Callable[[nn.Module, torch.dtype], torch.Tensor]) -> tuple[float, bool]:
         """One optimisation step; ``loss_fn(model, dtype)`` runs the forward pass and returns the loss.
 
@@ -164,8 +200,9 @@ class MixedPrecisionTrainer:
             self.opt.zero_grad(set_to_none=True)
             loss = loss_fn(self.model, torch.float32)
             loss.backward()
-            over = grads_overflow(self.model.parameters(), self.scale, self.dtype)
-            self.epoch_overflow |= over
+            # monitoring only: the FP32 step is taken either way; every worker keeps the same scale
+            over = _any_worker(grads_overflow(self.model.parameters(), self.scale, self.monitor))
+            self._update_scale(over)
             if self.grad_hook:
                 self.grad_hook(self.model)
             self.opt.step()
@@ -173,14 +210,12 @@ class MixedPrecisionTrainer:
         work = self._working_copy()
         loss = loss_fn(work, self.dtype).float()  # loss in FP32
         (loss * self.scale).backward()
-        over = any(p.grad is not None and not torch.isfinite(p.grad).all() for p in work.parameters())
+        over = grads_overflow(work.parameters(), 1.0, self.monitor)  # the gradients are already scaled
         # every worker must agree on skipping (and call grad_hook the same number of times)
         over = _any_worker(over)
+        self._update_scale(over)
         if over:
-            self.epoch_overflow = True
             self.skipped += 1
-            self.tau = max(self.tau - 1, 0)
-            self._good = 0
             return float(loss.detach()), True
         self.opt.zero_grad(set_to_none=True)
         for m, w in zip(self.model.parameters(), work.parameters()):
@@ -192,9 +227,6 @@ class MixedPrecisionTrainer:
         if self.grad_hook:
             self.grad_hook(self.model)
         self.opt.step()
-        self._good += 1
-        if self._good >= self.growth_interval:
-            self.tau, self._good = min(self.tau + 1, MAX_TAU), 0
         return float(loss.detach()), False
 
     def end_epoch(self, epoch: int) -> dict:
@@ -208,8 +240,9 @@ class MixedPrecisionTrainer:
             "theta": self.gate.thetas[-1],
             "loss_scale_log2": float(self.tau),
             "skipped_batches": float(self.skipped),
+            "overflow_steps": float(self.overflow_steps),
         }
-        self.epoch_overflow, self.skipped = False, 0
+        self.epoch_overflow, self.skipped, self.overflow_steps = False, 0, 0
         return out
 
     def state_dict(self) -> dict:

@@ -11,6 +11,10 @@ typo (the gray-world rule scales each channel by its own mean), so blue uses ``B
 are taken over the original image, before any cell is changed. A channel whose mean is 0 is
 all zeros and keeps gain 1. Results are clipped to ``[0, clip]`` (1 for float images in
 [0, 1], 255 for uint8) so that the augmented image stays a valid image.
+
+On a padded input (the 248 x 312 canvas of M+MNet's stage 2) the grid belongs on the image, not
+the canvas: ``box`` names the content rectangle, whose corners get the cells and whose pixels
+alone give the means; the padding is left as it is.
 """
 
 from __future__ import annotations
@@ -27,10 +31,19 @@ def corner_cells(h: int, w: int, r: float = 0.1) -> list[tuple[int, int, int, in
     return [(0, 0, wg, hg), (w - wg, 0, w, hg), (0, h - hg, wg, h), (w - wg, h - hg, w, h)]
 
 
-def corner_grid(img: torch.Tensor, r: float = 0.1, clip: float | None = 1.0) -> torch.Tensor:
-    """Corner Grid on a float image (3, H, W) or batch (B, 3, H, W) of RGB in [0, clip]; returns a copy."""
+def corner_grid(img: torch.Tensor, r: float = 0.1, clip: float | None = 1.0,
+                box: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """Corner Grid on a float image (3, H, W) or batch (B, 3, H, W) of RGB in [0, clip]; returns a copy.
+    ``box`` (x0, y0, x1, y1), end exclusive: apply it to that content rectangle only (a padded image)."""
     if img.ndim not in (3, 4) or img.shape[-3] != 3:
         raise ValueError(f"need an RGB image (3, H, W) or batch (B, 3, H, W), got {tuple(img.shape)}")
+    if box is not None:
+        x0, y0, x1, y1 = box
+        if not (0 <= x0 < x1 <= img.shape[-1] and 0 <= y0 < y1 <= img.shape[-2]):
+            raise ValueError(f"box {box} is not inside the {img.shape[-2]}x{img.shape[-1]} image")
+        out = img.clone()
+        out[..., y0:y1, x0:x1] = corner_grid(img[..., y0:y1, x0:x1], r, clip)
+        return out
     x = img.clone()
     h, w = x.shape[-2:]
     work = torch.promote_types(img.dtype, torch.float32)

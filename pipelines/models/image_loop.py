@@ -6,8 +6,11 @@ Config (a plain dict, all paths absolute; see ``stages/family.py``):
   (the family's params), ``seed``, ``epochs``, ``lr``, ``weight_decay``, ``batch_size``,
   ``image_size``;
 - ``corner_grid`` (``off`` / ``always`` / ``with_mixed``: from the precision switch on, as
-  M+MNet's stage 2), ``corner_grid_r`` (0.1), ``hflip`` (random horizontal flips);
-- ``amp``: ``{enabled, l1, l2, window, dtype, init_tau, growth_interval}`` (``pipelines.models.amp``);
+  M+MNet's stage 2; ``auto``: the family's), ``corner_grid_r`` (0.1), ``hflip`` (random
+  horizontal flips), ``crop`` (``off`` / ``random``: stage 1's 256 -> 224 random crop; ``auto``:
+  the family's), ``optimizer`` (``adam`` / ``sgd`` with ``momentum``; ``auto``: the family's) --
+  see ``pipelines.models.augment`` and ``pipelines.models.resolve``;
+- ``amp``: ``{enabled, l1, l2, window, dtype, init_tau, growth_interval, monitor}`` (``pipelines.models.amp``);
 - ``aspect``: ``square`` (resize to ``image_size`` squared) or ``keep`` (short side
   ``image_size``, aspect ratio kept; training batches are zero-padded bottom/right to the
   batch's largest image, prediction runs one image at a time, unpadded -- seed 002's SPP makes
@@ -36,9 +39,9 @@ from tqdm import tqdm
 from pipelines.data.manifest import read_manifest, vote_distribution
 from pipelines.io import DataError
 from pipelines.metrics import dist_to_score, emd, srcc
-from pipelines.models import build, loss_terms
-from pipelines.models.amp import MixedPrecisionTrainer, PrecisionGate, low_dtype
-from pipelines.models.corner_grid import corner_grid
+from pipelines.models import build, loss_terms, make_optimizer, resolve
+from pipelines.models.amp import MixedPrecisionTrainer, PrecisionGate, low_dtype, monitor_dtype
+from pipelines.models.augment import augment, crop_source, crops_in, pad_box
 from pipelines.tracking.runs import EpochLogger
 from pipelines.train.runner import (
     load_resume_state,
@@ -77,10 +80,9 @@ def image_tensor(im: Image.Image, size: tuple[int, int], mode: str = "resize") -
         k = h / min(im.width, im.height)
         im = im.resize((max(1, round(im.width * k)), max(1, round(im.height * k))), Image.BILINEAR)
     elif mode == "pad":
-        s = min(w / im.width, h / im.height)
-        nw, nh = max(1, round(im.width * s)), max(1, round(im.height * s))
+        x0, y0, x1, y1 = pad_box(im.width, im.height, size)
         canvas = Image.new("RGB", (w, h), (0, 0, 0))
-        canvas.paste(im.resize((nw, nh), Image.BILINEAR), ((w - nw) // 2, (h - nh) // 2))
+        canvas.paste(im.resize((x1 - x0, y1 - y0), Image.BILINEAR), (x0, y0))
         im = canvas
     else:
         raise ValueError(f"mode must be 'resize', 'short_side' or 'pad', got {mode!r}")
@@ -125,14 +127,16 @@ def _paths(df: pd.DataFrame, root: str) -> list[str]:
     return [p if Path(p).is_absolute() else str(Path(root) / p) for p in df["path"]]
 
 
-def load_batch(paths: list[str], size, mode, *, flip: torch.Tensor | None = None, grid_r: float | None = None) -> torch.Tensor:
+def load_batch(paths: list[str], size, mode, *, flip: torch.Tensor | None = None, grid_r: float | None = None,
+               crop: torch.Tensor | None = None) -> torch.Tensor:
+    """Normalised images; training augmentation (``crop`` (N, 2) offsets in [0, 1), ``flip``, Corner
+    Grid ``grid_r`` on the image content) by ``pipelines.models.augment.augment``."""
     imgs = []
     for i, p in enumerate(paths):
-        x = load_image(p, size, mode)
-        if flip is not None and bool(flip[i]):
-            x = x.flip(-1)
-        if grid_r is not None:
-            x = corner_grid(x, grid_r)
+        im = open_image(p)
+        x = image_tensor(im, size if crop is None else crop_source(size), mode)
+        box = pad_box(im.width, im.height, size) if mode == "pad" else None
+        x = augment(x, size, crop=None if crop is None else crop[i], flip=flip is not None and bool(flip[i]), grid_r=grid_r, box=box)
         imgs.append(normalise(x))
     h = max(x.shape[1] for x in imgs)
     w = max(x.shape[2] for x in imgs)
@@ -176,11 +180,13 @@ def image_family_loop(config: dict) -> None:
     n_levels = dist.shape[1]
     options = dict(config["options"])
     model = build(config["family"], n_levels, options).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    opt = make_optimizer(model.parameters(), resolve(config["family"], "optimizer", config.get("optimizer", "auto")),
+                         config["lr"], config["weight_decay"], config.get("momentum", 0.9))
     a = config["amp"]
     gate = PrecisionGate(l1=a["l1"], l2=a["l2"], window=a["window"], enabled=a["enabled"])
+    low = low_dtype(a["dtype"], device)
     trainer = MixedPrecisionTrainer(
-        model, opt, dtype=low_dtype(a["dtype"], device), gate=gate, init_tau=a["init_tau"],
+        model, opt, dtype=low, gate=gate, init_tau=a["init_tau"], monitor=monitor_dtype(a.get("monitor", "auto"), low),
         growth_interval=a["growth_interval"], grad_hook=lambda m: sync_gradients(m, world),
     )
     start = 0
@@ -195,13 +201,15 @@ def image_family_loop(config: dict) -> None:
     arch = {"family": config["family"], "options": options, "n_levels": n_levels, "image_size": config["image_size"],
             "aspect": config.get("aspect", "square")}
     log = EpochLogger(config.get("tracking_uri"), config.get("run_id")) if rank == 0 else None
-    grid_mode = config.get("corner_grid", "off")
+    grid_mode = resolve(config["family"], "corner_grid", config.get("corner_grid", "auto"))
+    crop_mode = resolve(config["family"], "crop", config.get("crop", "auto"))
     if grid_mode not in CORNER_GRID_MODES:
         raise DataError(f"model.corner_grid = {grid_mode!r}; use one of {CORNER_GRID_MODES}.")
     for epoch in tqdm(range(start, config["epochs"]), desc=config["family"], disable=rank != 0, initial=start, total=config["epochs"]):
         model.train()
         size, mode, stage = stage_of(epoch, config, gate.switch_epoch)
         use_grid = grid_mode == "always" or (grid_mode == "with_mixed" and gate.mixed)
+        use_crop = crops_in(stage, mode, crop_mode)
         perm = torch.randperm(len(train), generator=gen)
         mine = perm[rank::world]
         totals: dict[str, float] = {}
@@ -210,7 +218,8 @@ def image_family_loop(config: dict) -> None:
             if len(rows) < 2:
                 rows = mine[:bs]
             flip = torch.rand(len(rows), generator=gen) < 0.5 if config.get("hflip", True) else None
-            x = load_batch([train_paths[int(i)] for i in rows], size, mode, flip=flip,
+            crop = torch.rand(len(rows), 2, generator=gen) if use_crop else None
+            x = load_batch([train_paths[int(i)] for i in rows], size, mode, flip=flip, crop=crop,
                            grid_r=config.get("corner_grid_r", 0.1) if use_grid else None).to(device)
             y = dist[rows].to(device)
             parts: dict = {}
@@ -227,7 +236,7 @@ def image_family_loop(config: dict) -> None:
         metrics = {
             "epoch": epoch, **totals, **prec, "stage": float(stage), "image_h": float(size[0]),
             "switch_epoch": float(-1 if gate.switch_epoch is None else gate.switch_epoch),
-            "corner_grid": float(use_grid),
+            "corner_grid": float(use_grid), "random_crop": float(use_crop),
         }
         state = None
         if rank == 0:

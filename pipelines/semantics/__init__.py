@@ -1,3 +1,23 @@
-from pipelines.semantics.match import semantic_clusters, tag_matching
+from pipelines.semantics.match import (
+    KMEANS_METHODS,
+    assign_clusters,
+    cluster_means,
+    fit_kmeans,
+    inertia,
+    kmeans_space,
+    semantic_clusters,
+    tag_matching,
+    tm_features,
+)
 
-__all__ = ["semantic_clusters", "tag_matching"]
+__all__ = [
+    "KMEANS_METHODS",
+    "assign_clusters",
+    "cluster_means",
+    "fit_kmeans",
+    "inertia",
+    "kmeans_space",
+    "semantic_clusters",
+    "tag_matching",
+    "tm_features",
+]

@@ -96,9 +96,12 @@ ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 REDACTED = "[REDACTED]"
 
 
+MIN_SECRET = 8  # shorter values are no real API key, and replacing them would garble the text
+
+
 def redact(text: str, secret: str | None) -> str:
     """``text`` with every occurrence of ``secret`` replaced (error messages may quote a key)."""
-    return text.replace(secret, REDACTED) if secret else text
+    return text.replace(secret, REDACTED) if secret and len(secret) >= MIN_SECRET else text
 
 
 @dataclass

@@ -1,0 +1,169 @@
+"""The data stages at AVA's full size: wall time, CPU time and peak RSS of every stage process.
+
+    nice -n 10 python benchmarks/bench_scale.py [--rows 20000] [--out benchmarks/results/scale.json]
+
+Inputs, in a scratch workspace (the stages run exactly as `dvc repro` runs them:
+``python -m stages.<name>`` in a folder with ``params.yaml``, ``config/`` and ``data/``):
+
+- labels: ``../shared/data/labels/ava/ava_merged_labels.csv`` (all 255,502 AVA rows, or the first
+  ``--rows``), adapter ``ava`` with the TANet split;
+- images: one empty file per row (``prepare`` only checks that each image is there; BYO embed
+  reads no pixels);
+- comments: DPC-Captions, with the tag caps at the TMCR paper's library sizes (2,145 semantic +
+  1,659 attribute). When the lexical extractor finds fewer, the libraries are padded with
+  synthetic phrases up to those sizes before `embed` (counted in the JSON), so that `features`
+  works at the paper's width;
+- embeddings: bring-your-own tables (``embed.source: byo``) of synthetic L2-normalised 768-d
+  vectors (CLIP ViT-L/14's width) around Zipf-popular topics
+  (:func:`bench_kmeans.synthetic_embeddings`), logit scale 100, for every image and every tag;
+- 15 clusters (the paper's), K-means as in ``params.yaml`` (``features.kmeans*``).
+
+Each stage is one process; ``os.wait4`` gives its own peak RSS and CPU time. Building the
+inputs is not timed. Targets: all data stages together under 60 s, and no process above 4 GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_kmeans import N_ATTRIBUTE, N_SEMANTIC, SHARED, synthetic_embeddings  # noqa: E402
+
+STAGES = ("prepare", "tags", "embed", "features", "index")
+TARGET_TOTAL_S, TARGET_RSS_GB = 60.0, 4.0
+
+
+def run_stage(name: str, cwd: Path, env: dict) -> dict:
+    """Run ``python -m stages.<name>``; its wall time, CPU time and peak RSS (its own, by ``wait4``)."""
+    t = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", f"stages.{name}"], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = proc.stdout.read()  # type: ignore[union-attr]
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t
+    if proc.returncode:
+        raise SystemExit(f"stage {name} failed ({proc.returncode}):\n{out.decode()[-4000:]}")
+    return {"wall_s": round(wall, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+            "peak_rss_gb": round(usage.ru_maxrss / 2**20, 3)}  # ru_maxrss is in KiB on Linux
+
+
+def unit_table(ids, column: str, emb: np.ndarray) -> pa.Table:
+    values = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(emb).reshape(-1)), emb.shape[1])
+    return pa.table({column: pa.array(list(ids), pa.string()), "embedding": values})
+
+
+def workspace(base: Path, rows: int | None) -> tuple[Path, int]:
+    ws = base / "ws"
+    (ws / "data" / "byo").mkdir(parents=True)
+    shutil.copytree(ROOT / "config", ws / "config")
+    src = SHARED / "labels" / "ava" / "ava_merged_labels.csv"
+    if not src.is_file():
+        raise SystemExit(f"{src}: not found; set IAA_SHARED_DATA to the shared data folder.")
+    labels = ws / "data" / "ava_labels.csv"
+    with open(src, encoding="utf-8") as fh:
+        lines = fh.readlines()
+    lines = lines if rows is None else lines[: rows + 1]
+    labels.write_text("".join(lines), encoding="utf-8")
+    images = ws / "data" / "images"
+    images.mkdir()
+    for line in lines[1:]:
+        (images / f"{line.split(',', 1)[0]}.jpg").touch()
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"].update(name="ava", adapter="ava", labels=str(labels), images=str(images),
+                          comments=str(SHARED / "comments" / "dpc_captions" / "impression_and_subject.json"),
+                          comments_format="dpc", options={"split": "tanet"})
+    params["tags"].update(max_semantic=N_SEMANTIC, max_attribute=N_ATTRIBUTE)
+    params["embed"].update(source="byo", byo_items="data/byo/items.parquet", byo_texts="data/byo/texts.parquet",
+                           byo_logit_scale=100.0)
+    params["features"]["n_clusters"] = 15
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return ws, len(lines) - 1
+
+
+def pad_libraries(ws: Path) -> dict:
+    """Pad data/tags/*.txt to the paper's sizes with synthetic phrases; the counts before and after."""
+    out = {}
+    for kind, size in (("semantic", N_SEMANTIC), ("attribute", N_ATTRIBUTE)):
+        f = ws / "data" / "tags" / f"{kind}.txt"
+        tags = [t for t in f.read_text().split("\n") if t]
+        out[kind] = {"from_corpus": len(tags), "padded_to": max(size, len(tags))}
+        tags += [f"synthetic {kind} tag {i}" for i in range(size - len(tags))]
+        f.write_text("".join(t + "\n" for t in tags))
+    return out
+
+
+def byo_tables(ws: Path, seed: int = 0) -> None:
+    ids = pq.read_table(ws / "data" / "manifest.parquet", columns=["image_id"]).column("image_id").to_pylist()
+    sem = [t for t in (ws / "data/tags/semantic.txt").read_text().split("\n") if t]
+    attr = [t for t in (ws / "data/tags/attribute.txt").read_text().split("\n") if t]
+    emb, tags = synthetic_embeddings(len(ids), 768, seed=seed, n_semantic=len(sem), n_attribute=len(attr))
+    pq.write_table(unit_table(ids, "image_id", emb), ws / "data/byo/items.parquet")
+    del emb
+    pq.write_table(unit_table(sem + attr, "phrase", tags), ws / "data/byo/texts.parquet")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=None, help="first N AVA rows (default: all 255,502)")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scale.json")
+    args = ap.parse_args()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI", "MLFLOW_", "RAY_ADDRESS"))}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    base = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    load = [os.getloadavg()[0]]
+    try:
+        ws, n_rows = workspace(base, args.rows)
+        stages: dict[str, dict] = {}
+        for name in STAGES:
+            if name == "embed":
+                libraries = pad_libraries(ws)
+                byo_tables(ws)
+            stages[name] = run_stage(name, ws, env)
+            load.append(os.getloadavg()[0])
+            print(name, stages[name], flush=True)
+        manifest = json.loads((ws / "data" / "manifest_report.json").read_text())
+        clusters = json.loads((ws / "data" / "features" / "clusters.json").read_text())
+        sizes = {p: round((ws / p).stat().st_size / 2**20, 1) for p in ("data/byo/items.parquet",
+                                                                        "data/features/features.parquet")}
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    total = sum(s["wall_s"] for s in stages.values())
+    peak = max(s["peak_rss_gb"] for s in stages.values())
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())["features"]
+    result = {
+        "benchmark": "scale (data stages)",
+        "rows": n_rows, "splits": manifest["splits"], "embed_dim": 768, "libraries": libraries,
+        "clusters": 15, "kmeans": {k: p[k] for k in p if k.startswith("kmeans")},
+        "cluster_sizes": sorted((c["size"] for c in clusters["clusters"].values()), reverse=True),
+        "file_mb": sizes, "cpu_count": os.cpu_count(), "load_average_1min": [round(x, 1) for x in load],
+        "stages": stages,
+        "total_wall_s": round(total, 1), "total_cpu_s": round(sum(s["cpu_s"] for s in stages.values()), 1),
+        "max_peak_rss_gb": peak,
+        "targets": {"total_under_60_s": total < TARGET_TOTAL_S, "every_process_under_4_gb": peak < TARGET_RSS_GB},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(args.out)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
