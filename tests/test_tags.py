@@ -32,6 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("IAA_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 FILTER = REPO_ROOT / "config" / "tag_filter.txt"
 KEY_ENV = "TAGS_TEST_API_KEY"
+FAKE_KEY = "sk-test-0123456789abcdef"  # long enough that redacting it leaves the messages readable
 
 COMMENTS = [
     "The cat looks sharp and the composition works.",
@@ -357,11 +358,11 @@ def test_auto_replays_hits_and_calls_live_for_misses(corpus: Path, tmp_path: Pat
     with ChatServer(fail_after=1) as server:  # batch 2 gets garbage: batch 1 must still be recorded
         with pytest.raises(LLMError, match=r"LLM batch 2/3 .*not valid JSON"):
             build(corpus, tmp_path / "out", cfg(mode="live", base_url=server.base_url), replay,
-                  environ={KEY_ENV: "k"})
+                  environ={KEY_ENV: FAKE_KEY})
         assert len(lines(replay)) == 1
         server.fail_after = None
         report = build(corpus, tmp_path / "out", cfg(mode="auto", base_url=server.base_url), replay,
-                       environ={KEY_ENV: "k"})
+                       environ={KEY_ENV: FAKE_KEY})
     assert report["extractors"]["llm"]["batches"] == {"total": 3, "replayed": 1, "live": 2, "skipped": 0}
     assert len(ReplayCache(replay)) == 3
 
@@ -375,7 +376,7 @@ def test_bad_response_is_a_clear_error_and_not_cached(corpus: Path, tmp_path: Pa
         where = r"LLM batch 1/3 \(distinct comments 1-5, model 'test-model', key [0-9a-f]{12}\): "
         with pytest.raises(LLMError, match=where + ".*" + message):
             build(corpus, tmp_path / "out", cfg(mode="live", base_url=server.base_url), replay,
-                  environ={KEY_ENV: "k"})
+                  environ={KEY_ENV: FAKE_KEY})
     assert lines(replay) == [keep]
 
 
@@ -391,7 +392,7 @@ def test_api_failure_is_an_llm_error_after_retries(corpus: Path, tmp_path: Path)
     with ChatServer(mode="http_500") as server:
         with pytest.raises(LLMError, match=r"LLM batch 1/3 .*API call failed \(InternalServerError"):
             build(corpus, tmp_path / "out", cfg(mode="live", base_url=server.base_url), tmp_path / "r.jsonl",
-                  environ={KEY_ENV: "k"})
+                  environ={KEY_ENV: FAKE_KEY})
         assert server.requests == 1 + MAX_RETRIES
     assert not (tmp_path / "r.jsonl").exists()
 
