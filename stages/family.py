@@ -158,7 +158,7 @@ def run(params_path: str | Path = "params.yaml") -> dict:
         mlflow.log_text(preds.to_csv(index=False), "predictions/test.csv")
         if p.evaluate.register:
             metrics.update(register_family(p, m.family, result, val_srcc, random_backbone, config["options"].get("weights")))
-        write_metrics("family", metrics, [m.family], random_weights=random_backbone)
+        write_metrics("family", metrics, [m.family], random_weights=random_backbone, registered_model=m.family)
     return metrics
 
 
