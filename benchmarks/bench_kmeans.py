@@ -39,6 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipelines.io import write_json  # noqa: E402
 from pipelines.semantics import assign_clusters, cluster_means, fit_kmeans, inertia, kmeans_space  # noqa: E402
 
 SHARED = Path(os.environ.get("IAA_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -141,10 +142,7 @@ def main() -> None:
             "sample_5k": {"method": "sample", "fit_rows": 5_000},
             "minibatch": {"method": "minibatch"},
         })}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(args.out)
+    write_json(args.out, result)
     print(json.dumps(result, indent=2))
 
 

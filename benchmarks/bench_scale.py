@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from pipelines.io import write_json  # noqa: E402
 from bench_kmeans import N_ATTRIBUTE, N_SEMANTIC, SHARED, synthetic_embeddings  # noqa: E402
 
 STAGES = ("prepare", "tags", "embed", "features", "index")
@@ -158,10 +159,7 @@ def main() -> None:
         "max_peak_rss_gb": peak,
         "targets": {"total_under_60_s": total < TARGET_TOTAL_S, "every_process_under_4_gb": peak < TARGET_RSS_GB},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(args.out)
+    write_json(args.out, result)
     print(json.dumps(result, indent=2))
 
 

@@ -33,6 +33,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipelines.io import write_json  # noqa: E402
+
 AVA_IMAGES = 255_502
 
 LISTING = """\
@@ -159,10 +163,7 @@ def main() -> None:
               "dvc": subprocess.run([sys.executable, "-m", "dvc", "--version"], capture_output=True, text=True,
                                     env=env).stdout.strip(),
               **res}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(args.out)
+    write_json(args.out, result)
     print(json.dumps(result, indent=2))
 
 
