@@ -136,13 +136,15 @@ def test_pseudo_labels_reads_the_files(tmp_path, monkeypatch):
 
 def test_stage_and_tune_step_write_the_same_labels(tmp_path, monkeypatch):
     """Both callers of the shared function: the DVC stage (files + metrics) and the Tune trial step."""
+    import torch
+
     from stages import pseudo_search
     from stages.tune import pseudo_label_step
 
     monkeypatch.chdir(tmp_path)
     _features_file(tmp_path)
     (tmp_path / "models").mkdir()
-    (tmp_path / "models" / "head.pt").write_bytes(b"")
+    torch.save({"arch": {"cr_input": None}}, tmp_path / "models" / "head.pt")  # a head on the CLIP cache
     (tmp_path / "data" / "embeddings" / "card.json").write_text(json.dumps({"model": "m", "weights": "w", "random_weights": False}))
     ps = {k: v for k, v in SEARCH.items() if k != "seed"}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({
@@ -154,7 +156,8 @@ def test_stage_and_tune_step_write_the_same_labels(tmp_path, monkeypatch):
 
     pseudo_search.main()
     metrics = json.loads((tmp_path / "metrics" / "pseudo_search.json").read_text())
-    assert set(metrics) == METRIC_KEYS  # numbers only: the weights stamp is in eval.json and MLflow
+    # numbers, and the one E_CR random-weights boolean; the CLIP stamp is in eval.json and MLflow
+    assert set(metrics) == METRIC_KEYS | {"cr_random_weights"} and metrics["cr_random_weights"] is False
     assert (metrics["beta"], metrics["t"], metrics["val_n_selected"], metrics["unlabeled_selected"]) == (1.0, 0.8, 4, 3)
     assert len(json.loads((tmp_path / "data" / "pseudo" / "grid.json").read_text())) == 4
     stage = pd.read_parquet(tmp_path / "data" / "pseudo" / "pseudo_labels.parquet")
