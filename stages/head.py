@@ -13,7 +13,9 @@ from stages.training import train_stage
 PROTOCOLS = ("linear_probe", "fine_tune")
 
 
-def head_config(p) -> dict:
+def head_config(p, cr_spec: dict | None = None) -> dict:
+    """The head loop's config; ``cr_spec`` is E_CR's spec when it is not yet on disk (a Tune
+    trial's own encoder), else it is read from ``models/cr_encoder.pt``."""
     h = as_dict(p.head)
     h.pop("ray")
     if h["protocol"] not in PROTOCOLS:
@@ -22,7 +24,8 @@ def head_config(p) -> dict:
         raise DataError(f"params.yaml: head.loss = {h['loss']!r}; use one of {HEAD_LOSSES}.")
     if h["cr_features"] not in CR_LAYERS:
         raise DataError(f"params.yaml: head.cr_features = {h['cr_features']!r}; use one of {CR_LAYERS}.")
-    cr_spec = load_torch(CR_ENCODER)["spec"] if h["use_cr"] else None
+    if h["use_cr"] and cr_spec is None:
+        cr_spec = load_torch(CR_ENCODER)["spec"]
     if h["use_cr"] and cr_spec.get("kind") == "image" and h["protocol"] == "fine_tune":
         raise DataError("params.yaml: head.protocol = 'fine_tune' with pretrain.encoder = 'image' is not available: "
                         "the head reads the cached backbone features; use head.protocol: linear_probe.")

@@ -26,7 +26,7 @@ import functools
 from pathlib import Path
 
 from pipelines.config import Params, read_yaml
-from pipelines.io import DataError, write_parquet
+from pipelines.io import DataError, load_torch, write_parquet
 from pipelines.train.loops import pretrain_loop, supervised_loop
 from pipelines.train.runner import runs_dir
 from pipelines.tune.search import Step, load_space, run_search, trial_table, write_best
@@ -40,8 +40,11 @@ def _abs(root: Path, path) -> str:
     return str((root / path).resolve())
 
 
-def _head_step(p: Params, root: Path, cr_path: str | None, desc: str) -> Step:
-    c = head_config(p)
+def _head_step(p: Params, root: Path, cr_path: str | None, desc: str, cr_spec: dict | None = None) -> Step:
+    # E_CR's spec from the file the trial reads (the head loop itself fails clearly if it is missing)
+    if cr_spec is None:
+        cr_spec = load_torch(cr_path)["spec"] if cr_path and Path(cr_path).exists() else {}
+    c = head_config(p, cr_spec)
     c.update({
         "features_path": _abs(root, FEATURES), "embeddings_path": _abs(root, IMAGE_EMB),
         "cr_path": cr_path if p.head.use_cr else None,
@@ -65,7 +68,8 @@ def pretrain_steps(p: Params, trial_dir: Path, *, root: str) -> list[Step]:
         "weight_decay": c.weight_decay, "tau": c.tau, "hidden": c.hidden, "dim": c.dim, "dropout": c.dropout,
         "batches_per_cluster": c.batches_per_cluster, "low": p.index.low, "high": p.index.high,
     }, save_to=cr)
-    return [pre, _head_step(p, root, cr, "tune-pretrain-head")]
+    # the trial trains the embedding E_CR (an MLP spec has no "kind"); its file exists only once the step ran
+    return [pre, _head_step(p, root, cr, "tune-pretrain-head", cr_spec={})]
 
 
 def pseudo_label_step(config: dict) -> None:
