@@ -12,7 +12,7 @@ from pipelines.tracking.runs import stage_run, weights_tags
 from pipelines.io import load_torch
 from pipelines.ranking.backbone import cr_card, cr_tags
 from stages.common import FEATURES, METRICS, MODELS, PSEUDO, cli, params, weights_card
-from stages.cr_features import head_cr_input
+from stages.cr_features import cr_input_path
 
 
 @cli
@@ -20,12 +20,13 @@ def main() -> None:
     p = params()
     s = p.pseudo_search
     card = weights_card()
+    cr_input = load_torch(MODELS / "head.pt")["arch"].get("cr_input")  # read once: E_CR's input and its card
     labels = pseudo_labels(
-        FEATURES, head_cr_input(MODELS / "head.pt"), MODELS / "head.pt", seed=p.seed, val_fraction=s.val_fraction, betas=s.betas,
+        FEATURES, cr_input_path(cr_input), MODELS / "head.pt", seed=p.seed, val_fraction=s.val_fraction, betas=s.betas,
         thresholds=s.thresholds, min_selected=s.min_selected,
     )
     write_parquet(PSEUDO, labels.table())
-    cr = cr_card(load_torch(MODELS / "head.pt")["arch"].get("cr_input"))
+    cr = cr_card(cr_input)
     metrics = {**labels.metrics(), "cr_random_weights": bool(cr.get("cr_random_weights", False))}
     write_json(METRICS / "pseudo_search.json", metrics)
     write_json(PSEUDO.parent / "grid.json", labels.search["grid"])
