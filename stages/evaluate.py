@@ -14,7 +14,7 @@ from pipelines.tracking import registry
 from pipelines.tracking.scoring import log_scoring_model, make_bundle, requirements
 from pipelines.embed.cache import read_meta
 from pipelines.embed.encode import read_text_embeddings
-from pipelines.train.data import load_features
+from pipelines.train.data import load_features, load_matcher
 from pipelines.train.loops import load_head, predict_logits
 from pipelines.ranking.backbone import cr_card, cr_tags, stamp_cr
 from pipelines.ranking.cr_features import bundle_cr_encoder
@@ -25,8 +25,8 @@ MODEL_FILES = {"head": MODELS / "head.pt", "selftrain": MODELS / "selftrain.pt"}
 REQUIREMENTS = ("torch", "torchvision", "open_clip_torch", "numpy", "pandas", "pillow", "mlflow")
 
 
-def predict_probs(model, fs) -> np.ndarray:
-    return torch.softmax(torch.from_numpy(predict_logits(model, fs.tm, fs.emb)), 1).numpy()
+def predict_probs(model, matcher, fs) -> np.ndarray:
+    return torch.softmax(torch.from_numpy(predict_logits(model, matcher, fs.clip, fs.emb)), 1).numpy()
 
 
 def plot_scatter(path, true, preds: dict[str, np.ndarray], warning: str | None) -> None:
@@ -111,21 +111,24 @@ def main() -> None:
     p = params()
     card = weights_card()
     warning = random_warning(card)
-    feats = load_features(FEATURES, head_cr_input(MODEL_FILES["head"]))  # E_CR's input: the CLIP or the CR-feature cache
-    train, val, test = feats.split_of("train"), feats.split_of("val"), feats.split_of("test")
+    train = load_features(FEATURES, None, splits=("train",))  # training scores only (the L/M/H edges)
+    # val + test with E_CR's input (the CLIP or the CR-feature cache) and the CLIP embedding TM reads
+    feats = load_features(FEATURES, head_cr_input(MODEL_FILES["head"]), clip_path=IMAGE_EMB, splits=("val", "test"))
+    val, test = feats.split_of("val"), feats.split_of("test")
+    matcher = load_matcher(FEATURES, TAG_EMB)
     if len(test) < 3:
         raise DataError(f"{FEATURES}: only {len(test)} test images; evaluation needs at least 3.")
     models = {name: load_head(path) for name, path in MODEL_FILES.items()}
     lt = longtail_options(p.evaluate, test.image_id)
     results, preds, region_rows, val_srcc = {}, {}, [], {}
     for name, model in models.items():
-        probs = predict_probs(model, test)
+        probs = predict_probs(model, matcher, test)
         results[name] = evaluate(probs, test.dist, train.score, threshold=p.data.threshold, seed=p.seed, **lt)
         preds[name] = dist_to_score(probs)
         # `bar`: one row per (region, model) in `dvc plots` (sorted L, M, H), so the models' bars never overlap
         region_rows += [{"model": name, "region": k, "mae": v, "bar": f"{i} {k}: {name}"}
                         for i, (k, v) in enumerate(lmh_mae(preds[name], test.score).items(), 1)]
-        val_srcc[name] = float(srcc(dist_to_score(predict_probs(model, val)), val.score)) if len(val) >= 3 else float("nan")
+        val_srcc[name] = float(srcc(dist_to_score(predict_probs(model, matcher, val)), val.score)) if len(val) >= 3 else float("nan")
     best = max(val_srcc, key=lambda k: -np.inf if np.isnan(val_srcc[k]) else val_srcc[k])
     head_state = load_torch(MODEL_FILES[best])
     cr = cr_card(head_state["arch"].get("cr_input"))  # which E_CR: stamped beside the CLIP weights
@@ -143,11 +146,11 @@ def main() -> None:
     n = min(len(test), p.evaluate.tsne_max_points)
     sub = test.take(np.random.default_rng(p.seed).choice(len(test), n, replace=False))
     level = models[best].cr(torch.from_numpy(sub.emb)).detach().numpy() if models[best].use_cr else sub.emb
-    m = card["n_semantic"]
-    plot_tsne(PLOTS / "tsne.png", {"Sem": sub.tm[:, :m], "Attr": sub.tm[:, m:], "Level": level}, sub.score, p.seed, warning)
+    sem, attr = matcher.split(matcher.numpy(sub.clip))
+    plot_tsne(PLOTS / "tsne.png", {"Sem": sem, "Attr": attr, "Level": level}, sub.score, p.seed, warning)
 
     tags, kinds, tag_emb = read_text_embeddings(TAG_EMB)
-    scale = card["logit_scale"] if p.features.logit_scale else 1.0
+    scale = matcher.scale  # the features table's TM scale (features.logit_scale)
     bundle = MODELS / "bundle.pt"
     precision = (read_meta(IMAGE_EMB) or {}).get("precision_used") or "fp32"  # the path the embeddings were made with
     make_bundle(bundle, head_state=head_state, card=card, tags=tags, kinds=kinds, tag_emb=tag_emb, logit_scale=scale,

@@ -6,7 +6,7 @@ from pipelines.ranking.backbone import cr_card
 from pipelines.ranking.encoder import LAYERS as CR_LAYERS
 from pipelines.train.data import embedding_files
 from pipelines.train.loops import HEAD_LOSSES, supervised_loop
-from stages.common import FEATURES, MODELS, cli, params
+from stages.common import FEATURES, IMAGE_EMB, MODELS, TAG_EMB, cli, params
 from stages.cr_features import CR_ENCODER, cr_input_path
 from stages.training import train_stage
 
@@ -30,7 +30,15 @@ def head_config(p, cr_spec: dict | None = None) -> dict:
         raise DataError("params.yaml: head.protocol = 'fine_tune' with pretrain.encoder = 'image' is not available: "
                         "the head reads the cached backbone features; use head.protocol: linear_probe.")
     cr_input = cr_input_path(cr_spec)
-    return {"features_path": FEATURES, "embeddings_path": cr_input, "cr_path": CR_ENCODER if h["use_cr"] else None, "head": h}
+    return {"features_path": FEATURES, "embeddings_path": cr_input, "clip_path": IMAGE_EMB, "tags_path": TAG_EMB,
+            "cr_path": CR_ENCODER if h["use_cr"] else None, "head": h}
+
+
+def input_files(config: dict) -> list:
+    """The files a head / self-training run reads (for its resume fingerprint): the features
+    table, the tag table, the CLIP cache TM reads and E_CR's input cache."""
+    caches = dict.fromkeys(map(str, (config["clip_path"], config["embeddings_path"])))
+    return [FEATURES, TAG_EMB, *(f for c in caches for f in embedding_files(c))]
 
 
 def cr_of(state: dict) -> dict:
@@ -42,7 +50,7 @@ def cr_of(state: dict) -> dict:
 def main() -> None:
     p = params()
     config = {**head_config(p), "epochs": p.head.epochs, "lr": p.head.lr, "desc": "head"}
-    inputs = [FEATURES, *embedding_files(config["embeddings_path"])] + ([CR_ENCODER] if p.head.use_cr else [])
+    inputs = input_files(config) + ([CR_ENCODER] if p.head.use_cr else [])
     train_stage("head", supervised_loop, config, p.head.ray, inputs=inputs, model_out=MODELS / "head.pt", cr=cr_of)
 
 

@@ -11,7 +11,7 @@ from pipelines.selftrain.pseudo import pseudo_labels
 from pipelines.tracking.runs import stage_run, weights_tags
 from pipelines.io import load_torch
 from pipelines.ranking.backbone import cr_card, cr_tags
-from stages.common import FEATURES, METRICS, MODELS, PSEUDO, cli, params, weights_card
+from stages.common import FEATURES, IMAGE_EMB, METRICS, MODELS, PSEUDO, TAG_EMB, cli, params, weights_card
 from stages.cr_features import cr_input_path
 
 
@@ -22,8 +22,8 @@ def main() -> None:
     card = weights_card()
     cr_input = load_torch(MODELS / "head.pt")["arch"].get("cr_input")  # read once: E_CR's input and its card
     labels = pseudo_labels(
-        FEATURES, cr_input_path(cr_input), MODELS / "head.pt", seed=p.seed, val_fraction=s.val_fraction, betas=s.betas,
-        thresholds=s.thresholds, min_selected=s.min_selected,
+        FEATURES, cr_input_path(cr_input), MODELS / "head.pt", clip_path=IMAGE_EMB, tags_path=TAG_EMB, seed=p.seed,
+        val_fraction=s.val_fraction, betas=s.betas, thresholds=s.thresholds, min_selected=s.min_selected,
     )
     write_parquet(PSEUDO, labels.table())
     cr = cr_card(cr_input)

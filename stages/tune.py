@@ -30,7 +30,7 @@ from pipelines.io import DataError, load_torch, write_parquet
 from pipelines.train.loops import pretrain_loop, supervised_loop
 from pipelines.train.runner import runs_dir
 from pipelines.tune.search import Step, load_space, run_search, trial_table, write_best
-from stages.common import FEATURES, IMAGE_EMB, INDEX, MANIFEST, MODELS, cli
+from stages.common import FEATURES, IMAGE_EMB, INDEX, MANIFEST, MODELS, TAG_EMB, cli
 from stages.head import head_config
 
 STAGES = ("head", "pretrain", "pseudo", "family")
@@ -47,6 +47,7 @@ def _head_step(p: Params, root: Path, cr_path: str | None, desc: str, cr_spec: d
     c = head_config(p, cr_spec)
     c.update({
         "features_path": _abs(root, FEATURES), "embeddings_path": _abs(root, IMAGE_EMB),
+        "clip_path": _abs(root, IMAGE_EMB), "tags_path": _abs(root, TAG_EMB),
         "cr_path": cr_path if p.head.use_cr else None,
         "epochs": p.head.epochs, "lr": p.head.lr, "desc": desc,
     })
@@ -77,7 +78,8 @@ def pseudo_label_step(config: dict) -> None:
     from pipelines.selftrain.pseudo import pseudo_labels
 
     labels = pseudo_labels(
-        config["features_path"], config["embeddings_path"], config["head_path"], seed=config["seed"],
+        config["features_path"], config["embeddings_path"], config["head_path"], tags_path=config["tags_path"],
+        seed=config["seed"],
         val_fraction=config["val_fraction"], betas=config["betas"], thresholds=config["thresholds"],
         min_selected=config["min_selected"],
         source="tune trial's pseudo_search (params.yaml + the search space)",
@@ -91,7 +93,7 @@ def pseudo_steps(p: Params, trial_dir: Path, *, root: str) -> list[Step]:
     pseudo = str(trial_dir / "pseudo_labels.parquet")
     label = Step("pseudo_labels", pseudo_label_step, {
         "features_path": _abs(root, FEATURES), "embeddings_path": _abs(root, IMAGE_EMB),
-        "head_path": _abs(root, MODELS / "head.pt"), "out_path": pseudo,
+        "tags_path": _abs(root, TAG_EMB), "head_path": _abs(root, MODELS / "head.pt"), "out_path": pseudo,
         "val_fraction": s.val_fraction, "betas": list(s.betas), "thresholds": list(s.thresholds), "min_selected": s.min_selected,
     }, ray_train=False)
     st = _head_step(p, root, _abs(root, MODELS / "cr_encoder.pt"), "tune-selftrain")
@@ -115,8 +117,8 @@ def family_steps(p: Params, trial_dir: Path, *, root: str) -> list[Step]:
 
 BUILDERS = {"head": head_steps, "pretrain": pretrain_steps, "pseudo": pseudo_steps, "family": family_steps}
 NEEDS = {
-    "head": [FEATURES, IMAGE_EMB, MODELS / "cr_encoder.pt"], "pretrain": [FEATURES, IMAGE_EMB, INDEX],
-    "pseudo": [FEATURES, IMAGE_EMB, MODELS / "head.pt", MODELS / "cr_encoder.pt"], "family": [MANIFEST],
+    "head": [FEATURES, IMAGE_EMB, TAG_EMB, MODELS / "cr_encoder.pt"], "pretrain": [FEATURES, IMAGE_EMB, INDEX],
+    "pseudo": [FEATURES, IMAGE_EMB, TAG_EMB, MODELS / "head.pt", MODELS / "cr_encoder.pt"], "family": [MANIFEST],
 }
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.embed.cache import list_parts, write_chunk, write_meta
+from pipelines.embed.cache import list_parts, write_chunk, write_meta, write_text_embeddings
 from pipelines.train.data import write_features_table
 
 SPLITS = ("train", "val", "test", "unlabeled")
@@ -28,8 +28,9 @@ def write_embedding_cache(out_dir, ids, emb: np.ndarray, chunk_rows: int | None 
 
 def make_features(path, n: int = 240, d: int = 16, n_tags: tuple[int, int] = (8, 6), seed: int = 0,
                   embeddings=None) -> Path:
-    """Write the features table at ``path`` and its embedding cache at ``embeddings`` (default: an
-    ``embeddings`` folder beside the table); returns the cache's path."""
+    """Write the features table at ``path``, its embedding cache at ``embeddings`` (default: an
+    ``embeddings`` folder beside the table) and the tag table ``tags.parquet`` beside the cache
+    (the embed stage's layout; TM = emb @ tags.T, scale 1); returns the cache's path."""
     rng = np.random.default_rng(seed)
     emb = rng.normal(size=(n, d)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
@@ -48,8 +49,10 @@ def make_features(path, n: int = 240, d: int = 16, n_tags: tuple[int, int] = (8,
     ids = [f"img{i:04d}" for i in range(n)]
     embeddings = Path(path).parent / "embeddings" if embeddings is None else Path(embeddings)
     write_embedding_cache(embeddings, ids, emb, chunk_rows=100)  # several parts, as the embed stage writes
+    write_text_embeddings(embeddings.parent / "tags.parquet", [f"tag{i}" for i in range(len(tags))],
+                          ["semantic"] * n_tags[0] + ["attribute"] * n_tags[1], tags)
     write_features_table(
         path, image_id=ids, split=split, score=score, dist=dist,
-        cluster=rng.integers(0, 3, n), tm=emb @ tags.T, emb_dim=d,
+        cluster=rng.integers(0, 3, n), emb_dim=d, n_semantic=n_tags[0], n_attribute=n_tags[1],
     )
     return embeddings

@@ -23,10 +23,11 @@ from pipelines.io import DataError, write_parquet
 from pipelines.ranking.backbone import ImageCREncoder, create_backbone, known_backbones
 from pipelines.ranking.cr_features import cr_image_features, encoder_from_state, image_paths, write_cr_features
 from pipelines.ranking.index import build_index
-from pipelines.embed.cache import read_image_embeddings
+from pipelines.embed.cache import read_image_embeddings, write_text_embeddings
 from pipelines.train.data import load_features, write_features_table
 from pipelines.train.loops import pretrain_images, pretrain_loop, steps_of, supervised_loop
 from pipelines.train.runner import run_training
+from tests.synthetic import write_embedding_cache
 
 BACKBONE = "test_efficientnet"  # timm's tiny test config: 99k parameters, 256 features
 LOCAL = TrainParams(num_workers=0)
@@ -63,8 +64,11 @@ def make_image_data(tmp: Path, n: int = 48, one_cluster: bool = False, seed: int
     sc = score.astype(np.float32).copy()
     sc[unl], dist[unl] = np.nan, np.nan
     cluster = np.zeros(n, np.int64) if one_cluster else rng.integers(0, 2, n)
-    write_features_table(tmp / "features.parquet", image_id=ids, split=split, score=sc, dist=dist, cluster=cluster,
-                         tm=rng.normal(size=(n, 6)).astype(np.float32), emb_dim=16)
+    clip = rng.normal(size=(n, 16)).astype(np.float32)  # the CLIP cache TM reads, and its tag table (3 + 3 tags)
+    write_embedding_cache(tmp / "embeddings" / "images", ids, clip / np.linalg.norm(clip, axis=1, keepdims=True))
+    write_text_embeddings(tmp / "embeddings" / "tags.parquet", [f"t{i}" for i in range(6)], ["semantic"] * 3 + ["attribute"] * 3,
+                          rng.normal(size=(6, 16)).astype(np.float32))
+    write_features_table(tmp / "features.parquet", image_id=ids, split=split, score=sc, dist=dist, cluster=cluster, emb_dim=16)
     train = load_features(tmp / "features.parquet", None).split_of("train")
     index, _ = build_index(train.cluster, train.score, low=2, high=9, n_per_bin=2)
     write_parquet(tmp / "index.parquet", index)
@@ -162,7 +166,7 @@ def test_image_pretrain_cache_and_linear_probe(data):
     live = cr_image_features(encoder, [Image.open(p).convert("RGB") for p in paths[:3]]).numpy()
     np.testing.assert_allclose(live, cached[:3], rtol=1e-4, atol=1e-5)
     config = {"features_path": str(data / "features.parquet"), "embeddings_path": str(out), "cr_path": str(data / "cr.pt"),
-              "head": HEAD, "epochs": 3, "lr": 3e-3, "seed": 0}
+              "clip_path": str(data / "embeddings" / "images"), "head": HEAD, "epochs": 3, "lr": 3e-3, "seed": 0}
     head = run_training(supervised_loop, config, LOCAL, stage="head", inputs=inputs(data))
     assert head["arch"]["cr_input"]["kind"] == "image" and head["arch"]["cr_spec"]["in_dim"] == 256
     for k, v in state["model"].items():  # linear probe: the projection is the pretrained one

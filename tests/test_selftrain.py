@@ -26,6 +26,7 @@ from pipelines.io import DataError
 from pipelines.selftrain import pseudo
 from pipelines.selftrain.pseudo import label_pool, pseudo_labels
 from pipelines.train.data import FeatureSet, load_features, write_features_table
+from pipelines.embed.cache import write_text_embeddings
 from tests.synthetic import write_embedding_cache
 
 LEVELS = 10
@@ -61,8 +62,8 @@ def columns() -> dict:
     dist[np.isnan(score)] = np.nan
     return {
         "image_id": np.array([f"img{i:02d}" for i in range(n)], object), "split": np.array([r[0] for r in ROWS], object), "score": score,
-        "dist": dist, "cluster": np.zeros(n, np.int64), "tm": np.zeros((n, 3), np.float32),
-        "emb": np.stack([r[1] for r in ROWS]),
+        "dist": dist, "cluster": np.zeros(n, np.int64),
+        "emb": np.stack([r[1] for r in ROWS]), "clip": np.zeros((n, 3), np.float32),
     }
 
 
@@ -117,8 +118,11 @@ def _features_file(tmp_path):
     path = tmp_path / "data" / "features" / "features.parquet"
     c = columns()
     emb = c.pop("emb")
+    c.pop("clip")
     write_embedding_cache(tmp_path / "data" / "embeddings" / "images", c["image_id"], emb)
-    write_features_table(path, **c, emb_dim=emb.shape[1])
+    tags = np.eye(emb.shape[1], dtype=np.float32)[:4]  # the tag table TM reads (the stub head ignores TM)
+    write_text_embeddings(tmp_path / "data" / "embeddings" / "tags.parquet", list("abcd"), ["semantic"] * 2 + ["attribute"] * 2, tags)
+    write_features_table(path, **c, emb_dim=emb.shape[1], n_semantic=2, n_attribute=2)
     return path, tmp_path / "data" / "embeddings" / "images"
 
 
@@ -128,7 +132,7 @@ def test_pseudo_labels_reads_the_files(tmp_path, monkeypatch):
         pseudo_labels(path, emb_dir, tmp_path / "head.pt", min_selected=0.5, **SEARCH)
     (tmp_path / "head.pt").write_bytes(b"")
     monkeypatch.setattr(pseudo, "load_head", lambda p: None)
-    monkeypatch.setattr(pseudo, "predict_logits", lambda model, tm, emb: emb.astype(np.float64))
+    monkeypatch.setattr(pseudo, "predict_logits", lambda model, matcher, clip, emb: emb.astype(np.float64))
     got = pseudo_labels(path, emb_dir, tmp_path / "head.pt", min_selected=0.5, **SEARCH)
     want = label_pool(load_features(path, emb_dir), logits_of, min_selected=0.5, **SEARCH)
     assert got.metrics() == want.metrics() and got.selected.tolist() == FAR.tolist()
@@ -152,7 +156,7 @@ def test_stage_and_tune_step_write_the_same_labels(tmp_path, monkeypatch):
         "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "artifact_root": str(tmp_path / "art"), "experiment": "t"},
     }))
     monkeypatch.setattr(pseudo, "load_head", lambda p: None)
-    monkeypatch.setattr(pseudo, "predict_logits", lambda model, tm, emb: emb.astype(np.float64))
+    monkeypatch.setattr(pseudo, "predict_logits", lambda model, matcher, clip, emb: emb.astype(np.float64))
 
     pseudo_search.main()
     metrics = json.loads((tmp_path / "metrics" / "pseudo_search.json").read_text())
@@ -227,17 +231,31 @@ def test_load_pseudo_pool_keeps_every_row_and_the_mask(tmp_path):
     from pipelines.selftrain.unlabeled import load_pseudo_pool
 
     ids = np.array(["a", "b", "c", "d"], dtype=object)
-    tm, emb = np.arange(8, dtype=np.float32).reshape(4, 2), np.arange(12, dtype=np.float32).reshape(4, 3)
-    table = pd.DataFrame({"image_id": ["d", "b", "c"], "pseudo_dist": [np.full(LEVELS, 0.1, np.float32)] * 3,
+    clip, emb = np.arange(8, dtype=np.float32).reshape(4, 2), np.arange(12, dtype=np.float32).reshape(4, 3)
+    row = {k: i for i, k in enumerate(ids)}
+    asked = []
+
+    def read(pool_ids, keep=slice(None)):  # the rows of these ids, as the loop reads them from the caches
+        asked.append(pool_ids.tolist())
+        mine = np.arange(len(pool_ids))[keep]
+        take = [row[i] for i in pool_ids[mine]]
+        return mine, (clip[take], emb[take])
+
+    table = pd.DataFrame({"image_id": ["d", "b", "c"], "pseudo_dist": [np.full(LEVELS, 0.1 * (k + 1), np.float32) for k in range(3)],
                           "selected": [True, False, True]})
     write_parquet(tmp_path / "p.parquet", table)
-    pool = load_pseudo_pool(tmp_path / "p.parquet", ids, tm, emb)
+    pool = load_pseudo_pool(tmp_path / "p.parquet", read)
+    assert asked == [["d", "b", "c"]]
     assert pool["selected"].tolist() == [True, False, True]
-    assert pool["inputs"][0].numpy().tolist() == tm[[3, 1, 2]].tolist()
+    assert pool["inputs"][0].numpy().tolist() == clip[[3, 1, 2]].tolist()
     assert pool["inputs"][1].numpy().tolist() == emb[[3, 1, 2]].tolist()
+    # a worker's shard of the pool (rows 0 and 2 of the table): labels and mask stay row-aligned
+    shard = load_pseudo_pool(tmp_path / "p.parquet", lambda i: read(i, [0, 2]))
+    assert shard["selected"].tolist() == [True, True] and shard["inputs"][1].numpy().tolist() == emb[[3, 2]].tolist()
+    np.testing.assert_allclose(shard["dist"][:, 0].numpy(), [0.1, 0.3], rtol=1e-6)
     table["selected"] = False
     write_parquet(tmp_path / "none.parquet", table)
-    assert load_pseudo_pool(tmp_path / "none.parquet", ids, tm, emb) is None
+    assert load_pseudo_pool(tmp_path / "none.parquet", read) is None
 
 
 def test_selftrain_loop_averages_l_u_over_the_whole_pool(tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ from pipelines.embed.cache import read_image_embeddings
 from pipelines.io import DataError, write_parquet
 from pipelines.metrics import dist_to_score, srcc
 from pipelines.ranking.index import build_index
-from pipelines.train.data import embedding_files, load_features
+from pipelines.train.data import embedding_files, load_features, load_matcher
 from pipelines.train.loops import head_from_arch, predict_logits, pretrain_loop, supervised_loop
 from pipelines.train.runner import fingerprint, run_training
 from tests.synthetic import make_features, write_embedding_cache
@@ -67,7 +67,7 @@ def test_pretrain_then_head_learn(workdir):
     model = head_from_arch(head["arch"])
     model.load_state_dict(head["model"])
     test = load_features(workdir / "features.parquet", workdir / "embeddings").split_of("test")
-    pred = dist_to_score(torch.softmax(torch.from_numpy(predict_logits(model, test.tm, test.emb)), 1).numpy())
+    pred = dist_to_score(torch.softmax(torch.from_numpy(predict_logits(model, load_matcher(workdir / "features.parquet", workdir / "tags.parquet"), test.clip, test.emb)), 1).numpy())
     assert srcc(pred, test.score) > 0.6  # the score is a linear function of the embedding
     # linear probe: the CR encoder weights are the pretrained ones, untouched
     for k, v in state["model"].items():
@@ -94,7 +94,7 @@ def test_load_features_joins_the_embedding_cache_by_image_id(tmp_path):
     ids, emb = read_image_embeddings(cache)
     feats = load_features(tmp_path / "features.parquet", cache)
     assert feats.image_id.tolist() == ids and np.array_equal(feats.emb, emb)
-    assert pq.read_schema(tmp_path / "features.parquet").names == ["image_id", "split", "score", "cluster", "dist", "tm"]
+    assert pq.read_schema(tmp_path / "features.parquet").names == ["image_id", "split", "score", "cluster", "dist"]  # no TM column
     # another order, and extra images the table does not list: still joined by id, in the table's order
     order = np.random.default_rng(0).permutation(len(ids))
     extra = np.ones((3, emb.shape[1]), np.float32)
@@ -159,7 +159,7 @@ def _val_srcc(state: dict, features: Path) -> float:
     model = head_from_arch(state["arch"])
     model.load_state_dict(state["model"])
     val = load_features(features, features.parent / "embeddings").split_of("val")
-    return srcc(dist_to_score(torch.softmax(torch.from_numpy(predict_logits(model, val.tm, val.emb)), 1).numpy()), val.score)
+    return srcc(dist_to_score(torch.softmax(torch.from_numpy(predict_logits(model, load_matcher(features, features.parent / "tags.parquet"), val.clip, val.emb)), 1).numpy()), val.score)
 
 
 def test_head_keeps_its_best_validation_epoch(workdir):
@@ -187,7 +187,7 @@ def test_head_on_hidden_cr_features_with_re_emd(workdir):
     model = head_from_arch(head["arch"])
     model.load_state_dict(head["model"])
     test = load_features(workdir / "features.parquet", workdir / "embeddings").split_of("test")
-    pred = dist_to_score(torch.softmax(torch.from_numpy(predict_logits(model, test.tm, test.emb)), 1).numpy())
+    pred = dist_to_score(torch.softmax(torch.from_numpy(predict_logits(model, load_matcher(workdir / "features.parquet", workdir / "tags.parquet"), test.clip, test.emb)), 1).numpy())
     assert srcc(pred, test.score) > 0.6
 
 

@@ -7,6 +7,8 @@ predicted vote distribution). ELTA's TFA and FLSA act on F_aes.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import torch
 from torch import nn
 
@@ -53,9 +55,31 @@ class TMCRHead(nn.Module):
             nn.Linear(fused, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, n_levels)
         )
 
-    def fit_normaliser(self, tm: torch.Tensor) -> None:
-        self.tm_mean.copy_(tm.mean(0))
-        self.tm_std.copy_(tm.std(0).clamp_min(1e-6))
+    def fit_normaliser(self, chunks: Callable[[], Iterable[torch.Tensor]],
+                       all_reduce: Callable[[torch.Tensor], None] | None = None) -> None:
+        """Set ``tm_mean`` / ``tm_std`` (unbiased) from the training rows' TM features, streamed.
+
+        ``chunks()`` yields the TM features of the rows block by block (it is called twice:
+        the sums, then the squared deviations from the mean, in float64); no N x (M + A)
+        table exists. ``all_reduce`` sums a tensor in place across workers whose chunks are
+        their own shards, so every worker gets the statistics of all training rows.
+        """
+        reduce = all_reduce or (lambda t: None)
+        total = torch.zeros(self.tm_mean.numel() + 1, dtype=torch.float64, device=self.tm_mean.device)
+        for tm in chunks():
+            total[:-1] += tm.to(total).sum(0)
+            total[-1] += len(tm)
+        reduce(total)
+        n = float(total[-1])
+        if n < 2:
+            raise ValueError(f"the TM normaliser needs at least 2 training rows, got {int(n)}")
+        mean = total[:-1] / n
+        sq = torch.zeros_like(mean)
+        for tm in chunks():
+            sq += ((tm.to(mean) - mean) ** 2).sum(0)
+        reduce(sq)
+        self.tm_mean.copy_(mean)
+        self.tm_std.copy_((sq / (n - 1)).sqrt().clamp_min(1e-6))
 
     def train(self, mode: bool = True) -> "TMCRHead":
         super().train(mode)

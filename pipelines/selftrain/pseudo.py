@@ -25,7 +25,7 @@ import pyarrow as pa
 from pipelines.io import DataError
 from pipelines.metrics import dist_to_score
 from pipelines.selftrain.apds import apds_sharpen, grid_search, select_pseudo_labels
-from pipelines.train.data import FeatureSet, load_features
+from pipelines.train.data import FeatureSet, load_features, load_matcher
 from pipelines.train.loops import load_head, predict_logits
 
 PARAMS_SOURCE = "params.yaml pseudo_search"
@@ -73,20 +73,23 @@ def label_pool(
     min_selected: float,
     features_name: str = "features table",
     source: str = PARAMS_SOURCE,
+    mean_score: float | None = None,
 ) -> PseudoLabels:
     """Search (beta, t) on a validation subset of ``feats``, then pseudo-label its 'unlabeled' rows.
 
     ``predict`` maps a FeatureSet to (N, C) logits. ``features_name`` and ``source`` (where the
     search values came from) name what to fix in the ``DataError`` raised when there is no
-    'val' row or no (beta, t) keeps ``min_selected`` of the subset.
+    'val' row or no (beta, t) keeps ``min_selected`` of the subset. ``mean_score`` (s-bar, the
+    mean training score) defaults to that of ``feats``' train rows.
     """
-    train, val, unl = feats.split_of("train"), feats.split_of("val"), feats.split_of("unlabeled")
+    val, unl = feats.split_of("val"), feats.split_of("unlabeled")
     if len(val) == 0:
         raise DataError(f"{features_name}: no 'val' rows; the (beta, t) search needs labelled validation images.")
     rng = np.random.default_rng(seed)
     n_sub = max(1, int(round(val_fraction * len(val))))
     val = val.take(np.sort(rng.choice(len(val), n_sub, replace=False)))
-    mean_score = float(np.mean(train.score))
+    if mean_score is None:
+        mean_score = float(np.mean(feats.split_of("train").score))
     try:
         search = grid_search(
             predict(val), val.score, mean_score, betas, thresholds,
@@ -102,12 +105,23 @@ def label_pool(
 
 
 def pseudo_labels(
-    features_path: str | Path, embeddings_path: str | Path, head_path: str | Path, **search
+    features_path: str | Path, embeddings_path: str | Path, head_path: str | Path, *, clip_path: str | Path | None = None,
+    tags_path: str | Path | None = None, **search
 ) -> PseudoLabels:
-    """``label_pool`` on a features table (embeddings joined from ``embeddings_path``, the image
-    embedding cache) with a trained head's logits (``search``: its keywords)."""
-    feats = load_features(features_path, embeddings_path)
+    """``label_pool`` on a features table with a trained head's logits (``search``: its keywords).
+
+    Reads the training scores (for s-bar) and, with their embeddings, only the 'val' and
+    'unlabeled' rows. ``embeddings_path``: E_CR's input cache; ``clip_path`` / ``tags_path``: the
+    CLIP cache and tag table TM is computed from (defaults as ``loops.input_paths``).
+    """
+    from pipelines.train.loops import input_paths
+
+    emb, clip, tags = input_paths({"embeddings_path": embeddings_path, "clip_path": clip_path, "tags_path": tags_path})
+    mean_score = float(np.mean(load_features(features_path, None, splits=("train",)).score))
+    feats = load_features(features_path, emb, clip_path=clip, splits=("val", "unlabeled"))
+    matcher = load_matcher(features_path, tags)
     if not Path(head_path).exists():
         raise DataError(f"{head_path}: trained head not found; run `dvc repro head`.")
     model = load_head(head_path)
-    return label_pool(feats, lambda fs: predict_logits(model, fs.tm, fs.emb), features_name=str(features_path), **search)
+    return label_pool(feats, lambda fs: predict_logits(model, matcher, fs.clip, fs.emb), features_name=str(features_path),
+                      mean_score=mean_score, **search)

@@ -17,20 +17,23 @@ import torch
 from pipelines.heads.losses import masked_mean_loss
 
 
-def load_pseudo_pool(pseudo_path, image_id: np.ndarray, tm: np.ndarray, emb: np.ndarray) -> dict[str, torch.Tensor] | None:
-    """Every row of the pseudo-label table (``pseudo_search``'s output), selected or not.
+def load_pseudo_pool(pseudo_path, read: Callable[[np.ndarray], tuple[np.ndarray, tuple[np.ndarray, ...]]]
+                     ) -> dict[str, torch.Tensor] | None:
+    """The rows of the pseudo-label table (``pseudo_search``'s output), selected or not, that
+    ``read`` picks: this worker's share of the pool.
 
-    ``image_id`` / ``tm`` / ``emb`` are the features table's columns, which the table's
-    ``image_id`` is looked up in. Returns ``None`` when APDS selected no row (then eq. 10's
-    ``L_u`` is identically 0).
+    ``read(image_id)`` gets the table's ids and returns the positions it keeps (all of them for
+    one worker) and those rows' model inputs (row-aligned arrays: the CLIP embedding for TM, and
+    E_CR's input). Returns ``None`` when APDS selected no row (then eq. 10's ``L_u`` is
+    identically 0).
     """
     p = pd.read_parquet(pseudo_path)
     if not len(p) or not p["selected"].any():
         return None
-    pos = pd.Series(np.arange(len(image_id)), index=image_id)
-    rows = pos.loc[p["image_id"].to_numpy()].to_numpy()
+    rows, inputs = read(p["image_id"].to_numpy(dtype=object))
+    p = p.iloc[rows]
     return {
-        "inputs": (torch.from_numpy(tm[rows]), torch.from_numpy(emb[rows])),
+        "inputs": tuple(torch.from_numpy(x) for x in inputs),
         "dist": torch.from_numpy(np.stack(p["pseudo_dist"].to_numpy()).astype(np.float32)),
         "selected": torch.from_numpy(p["selected"].to_numpy(dtype=bool, copy=True)),
     }

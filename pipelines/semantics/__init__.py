@@ -6,8 +6,7 @@ from pipelines.semantics.match import (
     inertia,
     kmeans_space,
     semantic_clusters,
-    tag_matching,
-    tm_features,
+    TagMatcher,
 )
 
 __all__ = [
@@ -18,6 +17,5 @@ __all__ = [
     "inertia",
     "kmeans_space",
     "semantic_clusters",
-    "tag_matching",
-    "tm_features",
+    "TagMatcher",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 from sklearn.cluster import KMeans, MiniBatchKMeans
 
 from pipelines.io import DataError
@@ -33,29 +34,55 @@ def _split_kinds(kinds: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return sem, attr
 
 
-def tag_matching(
-    image_emb: np.ndarray, tag_emb: np.ndarray, kinds: list[str], scale: float = 1.0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Cosine similarity of every image to every semantic and every attribute tag.
+class TagMatcher:
+    """TM features (eq. 5-7), computed where they are used: ``scale * E @ [T_sem | T_attr].T``.
 
-    Both inputs are L2-normalised, so the dot product is the cosine (eq. 5-6). Returns
-    ``(sim_sem (N x M), sim_attr (N x A))``; their concatenation is the TM feature (eq. 7).
-    ``scale`` is CLIP's logit scale when the authors' logit-scaled similarities are wanted.
+    One matmul of L2-normalised CLIP image embeddings ``E`` with the tag-embedding matrix, in
+    float32 on ``E``'s device. Training (head, self-training), pseudo-labelling, evaluation
+    and the served model all call this one function, so their TM numerics agree; no
+    N x (M + A) table is stored. Columns are the semantic tags, then the attribute tags
+    (``n_sem`` of the first kind).
     """
-    tm, n_sem = tm_features(image_emb, tag_emb, kinds, scale)
-    return tm[:, :n_sem], tm[:, n_sem:]
 
+    def __init__(self, tag_emb: np.ndarray, kinds: list[str], scale: float = 1.0):
+        sem, attr = _split_kinds(kinds)
+        rows = np.asarray(tag_emb, dtype=np.float32)[np.concatenate([sem, attr])]
+        self.weight = torch.from_numpy(np.ascontiguousarray(rows.T))  # D x (M + A)
+        self.n_sem, self.scale = int(sem.size), float(scale)
 
-def tm_features(
-    image_emb: np.ndarray, tag_emb: np.ndarray, kinds: list[str], scale: float = 1.0, chunk_rows: int = CHUNK_ROWS
-) -> tuple[np.ndarray, int]:
-    """The TM feature table ``[sim_sem | sim_attr]`` (N x (M + A) float32) and M.
+    @property
+    def dim(self) -> int:
+        """M + A: the width of the TM feature."""
+        return int(self.weight.shape[1])
 
-    Filled block by block into one preallocated array, so the only temporary is one
-    ``chunk_rows`` block (no N x (M + A) copy for a concatenation).
-    """
-    sem, attr = _split_kinds(kinds)
-    return _sims(image_emb, tag_emb[np.concatenate([sem, attr])], scale, chunk_rows), int(sem.size)
+    @property
+    def emb_dim(self) -> int:
+        return int(self.weight.shape[0])
+
+    def to(self, device: torch.device | str) -> "TagMatcher":
+        """This matcher with its tag matrix on ``device`` (the worker's GPU, say)."""
+        self.weight = self.weight.to(device)
+        return self
+
+    def __call__(self, emb: torch.Tensor) -> torch.Tensor:
+        """TM features of a batch of image embeddings (B x D -> B x (M + A), float32)."""
+        w = self.weight if self.weight.device == emb.device else self.weight.to(emb.device)
+        out = emb.to(torch.float32) @ w
+        return out * self.scale if self.scale != 1.0 else out
+
+    def numpy(self, emb: np.ndarray, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
+        """TM features of an N x D array, ``chunk_rows`` rows at a time (N x (M + A) float32).
+
+        For small N (a request, a plot sample): readers of many rows call the matcher per batch.
+        """
+        with torch.no_grad():
+            blocks = [self(torch.from_numpy(np.ascontiguousarray(emb[s : s + chunk_rows], dtype=np.float32))).cpu().numpy()
+                      for s in range(0, len(emb), chunk_rows)]
+        return np.concatenate(blocks) if blocks else np.zeros((0, self.dim), np.float32)
+
+    def split(self, tm):
+        """``(sim_sem, sim_attr)`` of TM features."""
+        return tm[:, : self.n_sem], tm[:, self.n_sem :]
 
 
 def kmeans_space(image_emb: np.ndarray, sem_tag_emb: np.ndarray, scale: float = 1.0,

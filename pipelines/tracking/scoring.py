@@ -8,7 +8,7 @@ random init), the embed stage's precision path and batch size, the tag libraries
 text embeddings, and the trained head (which contains E_CR). Output: score, distribution, top
 tags. Its numerics are the pipeline's: batches as the embed stage cut them, collated like the
 embed stage, the image tower on the embed stage's precision path (``precision``, e.g. int8),
-``tag_matching`` and ``predict_logits`` as in the features / evaluate stages.
+``TagMatcher`` and ``predict_logits`` as in training and the evaluate stage.
 
 ``FamilyScorer`` (artifact ``family``, ``stages/family.py``): the saved family state
 (``models/family.pt``: ``arch``, ``model``, ``config``), rebuilt with
@@ -305,7 +305,9 @@ class TMCRScorer(Scorer):
         self.decoder = ImageDecoder(self.clip.preprocess)
         self.encode = BUILDERS[self.precision](self.clip)
         self.tags, self.kinds = np.asarray(b["tags"]), list(b["kinds"])
-        self.tag_emb, self.scale, self.card = b["tag_emb"].numpy(), float(b["scale"]), card
+        from pipelines.semantics import TagMatcher
+
+        self.matcher, self.card = TagMatcher(b["tag_emb"].numpy(), self.kinds, float(b["scale"])), card
         kinds = np.asarray(self.kinds)
         self.names = {k: self.tags[kinds == k] for k in ("semantic", "attribute")}
         from pipelines.ranking.cr_features import cr_backbone_from_bundle
@@ -328,7 +330,6 @@ class TMCRScorer(Scorer):
 
     @torch.inference_mode()
     def score_batch(self, items: list[Any], params: dict[str, Any]) -> list[dict[str, Any]]:
-        from pipelines.semantics import tag_matching
         from pipelines.train.loops import predict_logits
 
         views = None
@@ -336,10 +337,10 @@ class TMCRScorer(Scorer):
             items, views = [i for i, _ in items], torch.stack([v for _, v in items])
         x = self.decoder.collate(items)  # the embed stage's collate (bit-identical input)
         emb = self.encode(x).numpy()  # embed: the image tower on the embed stage's precision path
-        sem, attr = tag_matching(emb, self.tag_emb, self.kinds, scale=self.scale)  # TM features, as stage features
+        sem, attr = self.matcher.split(self.matcher.numpy(emb))  # TM, the function training computes it with
         # head (E_CR inside): a head whose E_CR reads pixels takes ``x`` here
         cr_in = emb if views is None else self.cr_backbone.embed(views).float().numpy()  # the CR-feature cache's values
-        probs = torch.softmax(torch.from_numpy(predict_logits(self.head, np.concatenate([sem, attr], 1), cr_in)), 1).numpy()
+        probs = torch.softmax(torch.from_numpy(predict_logits(self.head, self.matcher, emb, cr_in)), 1).numpy()
         k = params["top_k"]
         out = score_rows(probs)
         for row, s, a in zip(out, sem, attr, strict=True):

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -33,7 +34,8 @@ from pipelines.ranking.index import BalancedBatchSampler, score_bins
 from pipelines.ranking.loss import traversal_contrastive_loss
 from pipelines.selftrain.unlabeled import load_pseudo_pool, unlabeled_loss
 from pipelines.tracking.runs import EpochLogger
-from pipelines.train.data import load_features
+from pipelines.semantics import TagMatcher
+from pipelines.train.data import embedding_dim, load_features, load_matcher, read_embedding_rows, shard_rows, split_rows
 from pipelines.train.runner import load_resume_state, report_epoch, restore_rng, rng_state, sync_gradients, worker_info
 
 
@@ -68,8 +70,18 @@ def steps_of(batches_per_step: int | str, world: int) -> int:
     return n
 
 
-def _rows_tensor(emb: torch.Tensor, spec) -> torch.Tensor:
-    return emb[torch.from_numpy(np.asarray(spec[0], dtype=np.int64))]
+def _rows_tensor(emb: torch.Tensor, local: np.ndarray, spec) -> torch.Tensor:
+    """A batch's embeddings from a shard: ``local`` maps a train row to its row of ``emb``."""
+    return emb[torch.from_numpy(local[np.asarray(spec[0], dtype=np.int64)])]
+
+
+def _epoch_shard(cache, image_id: np.ndarray, specs) -> tuple[torch.Tensor, np.ndarray]:
+    """The embeddings of the train rows in ``specs`` (read from the cache, nothing else) and the
+    map from a train row to its row of that array."""
+    rows = np.unique(np.concatenate([np.asarray(b, dtype=np.int64) for b, _ in specs])) if specs else np.zeros(0, np.int64)
+    local = np.full(len(image_id), -1, dtype=np.int64)
+    local[rows] = np.arange(len(rows))
+    return torch.from_numpy(read_embedding_rows(cache, image_id[rows])), local
 
 
 def _rows_views(paths: list[str], size: int, resize: int, hflip: bool, spec) -> torch.Tensor:
@@ -105,7 +117,8 @@ def pretrain_loop(config: dict) -> None:
     if encoder not in ENCODERS:
         raise ValueError(f"pretrain.encoder must be one of {ENCODERS}, got {encoder!r}")
     image = encoder == "image"
-    train = load_features(config["features_path"], None if image else config["embeddings_path"]).split_of("train")
+    # labels only (a few small columns); the embeddings of the rows this worker trains on are read per epoch
+    train = load_features(config["features_path"], None, splits=("train",))
     index = pd.read_parquet(config["index_path"])
     # N_s per cluster comes from the index stage (`index.n_per_bin`)
     sampler = BalancedBatchSampler(index, batches_per_cluster=config["batches_per_cluster"], seed=config["seed"])
@@ -121,10 +134,10 @@ def pretrain_loop(config: dict) -> None:
         make = functools.partial(_rows_views, paths, img["image_size"], img["resize"], img.get("hflip", True))
         dtype, workers = amp_dtype(img.get("precision", "auto"), device), img.get("loader_workers", 0)
     else:
-        emb = torch.from_numpy(train.emb)
-        enc = CREncoder(emb.shape[1], config["hidden"], config["dim"], config["dropout"])
+        cache = config["embeddings_path"]
+        enc = CREncoder(embedding_dim(cache), config["hidden"], config["dim"], config["dropout"])
         groups = [{"params": list(enc.parameters())}]
-        make, dtype, workers = functools.partial(_rows_tensor, emb), None, 0
+        dtype, workers = None, 0
     enc.to(device)
     opt = torch.optim.AdamW(groups, lr=config["lr"], weight_decay=config["weight_decay"])
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -147,6 +160,8 @@ def pretrain_loop(config: dict) -> None:
         # this worker's share of each step: batches [rank * local, (rank + 1) * local) of the step's group
         specs = [(batches[s * per_step + j], (config["seed"], epoch, s * per_step + j))
                  for s in range(n_steps) for j in range(rank * local, (rank + 1) * local)]
+        if not image:  # this epoch's shard: the embeddings of exactly the rows of this worker's batches
+            make = functools.partial(_rows_tensor, *_epoch_shard(cache, train.image_id, specs))
         enc.train()
         total, n, t0 = 0.0, 0, time.perf_counter()
         views = iter(batch_loader(specs, make, workers=workers, device=device))
@@ -221,20 +236,27 @@ def load_head(path) -> TMCRHead:
     return model.eval()
 
 
+def _logits(model: TMCRHead, matcher: TagMatcher, clip: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    return model(matcher(clip), emb)
+
+
 @torch.no_grad()
-def predict_logits(model: TMCRHead, tm: np.ndarray, emb: np.ndarray, batch: int = 1024) -> np.ndarray:
+def predict_logits(model: TMCRHead, matcher: TagMatcher, clip: np.ndarray, emb: np.ndarray, batch: int = 1024) -> np.ndarray:
+    """The head's logits of N rows: TM computed per batch from the CLIP embeddings ``clip``,
+    E_CR's input ``emb``; on the model's device."""
     model.eval()
+    device = next(model.parameters()).device
     out = [
-        model(torch.from_numpy(tm[i : i + batch]), torch.from_numpy(emb[i : i + batch])).numpy()
-        for i in range(0, len(tm), batch)
+        _logits(model, matcher, torch.from_numpy(clip[i : i + batch]).to(device), torch.from_numpy(emb[i : i + batch]).to(device)).cpu().numpy()
+        for i in range(0, len(clip), batch)
     ]
     return np.concatenate(out) if out else np.zeros((0, model.mlp[-1].out_features), np.float32)
 
 
-def _val_metrics(model: TMCRHead, val) -> dict[str, float]:
+def _val_metrics(model: TMCRHead, matcher: TagMatcher, val) -> dict[str, float]:
     if len(val) < 3:
         return {}
-    probs = torch.softmax(torch.from_numpy(predict_logits(model, val.tm, val.emb)), 1).numpy()
+    probs = torch.softmax(torch.from_numpy(predict_logits(model, matcher, val.clip, val.emb)), 1).numpy()
     pred = dist_to_score(probs)
     return {"val_emd2": float(emd(probs, val.dist, 2)), "val_srcc": float(srcc(pred, val.score))}
 
@@ -254,6 +276,48 @@ def head_loss(h: dict):
     return lambda pred, target: emd_loss(pred, target, r=r)
 
 
+def input_paths(config: dict) -> tuple[str, str, str]:
+    """(E_CR input cache, CLIP cache for TM, tag table) of a head / self-training config; the
+    CLIP cache defaults to the E_CR input, the tag table to ``tags.parquet`` beside the CLIP cache
+    (the embed stage's layout)."""
+    clip = config.get("clip_path") or config["embeddings_path"]
+    return config["embeddings_path"], clip, config.get("tags_path") or str(Path(clip).parent / "tags.parquet")
+
+
+def _head_inputs(config: dict, rank: int, world: int) -> tuple[dict, TagMatcher]:
+    """What one head worker reads: its shard of the train rows (``shard_rows``) with their
+    embeddings, and the validation rows on rank 0 only (the others get none)."""
+    emb, clip, tags = input_paths(config)
+    path = config["features_path"]
+    n_train = split_rows(path, "train")
+    shard = shard_rows(n_train, rank, world, config["seed"])
+    train = load_features(path, emb, clip_path=clip, splits=("train",), rows=shard)
+    val = load_features(path, emb, clip_path=clip, splits=("val",), rows=None if rank == 0 else np.zeros(0, np.int64))
+    return {"train": train, "val": val, "n_train": n_train, "shard": shard}, load_matcher(path, tags)
+
+
+def _tm_chunks(matcher: TagMatcher, clip: np.ndarray, device, chunk_rows: int = 4096):
+    with torch.no_grad():
+        for s in range(0, len(clip), chunk_rows):
+            yield matcher(torch.from_numpy(clip[s : s + chunk_rows]).to(device))
+
+
+def _all_reduce(world: int):
+    if world <= 1:
+        return None
+    import torch.distributed as dist
+
+    return dist.all_reduce
+
+
+def _pool_inputs(config: dict, rank: int, world: int, image_id: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """This worker's shard of the unlabelled pool ``image_id``: its positions and their (CLIP, E_CR input) rows."""
+    emb, clip, _ = input_paths(config)
+    mine = shard_rows(len(image_id), rank, world, config["seed"])
+    e = read_embedding_rows(emb, image_id[mine])
+    return mine, (e if Path(clip) == Path(emb) else read_embedding_rows(clip, image_id[mine]), e)
+
+
 def supervised_loop(config: dict) -> None:
     """Head training (TMCR sec. 3.4 + ELTA TFA/FLSA), or self-training when pseudo labels are given.
 
@@ -266,13 +330,15 @@ def supervised_loop(config: dict) -> None:
     gen = _seed(config["seed"])
     h = config["head"]
     dist_loss = head_loss(h)
-    feats = load_features(config["features_path"], config["embeddings_path"])
-    train, val = feats.split_of("train"), feats.split_of("val")
-    model, arch = build_head(config, train.tm.shape[1], train.emb.shape[1], train.n_levels)
-    model.fit_normaliser(torch.from_numpy(train.tm))
-    if config.get("init_path"):  # self-training starts from the trained head
-        model.load_state_dict(torch.load(config["init_path"], map_location="cpu", weights_only=True)["model"])
+    feats, matcher = _head_inputs(config, rank, world)
+    train, val = feats["train"], feats["val"]
+    model, arch = build_head(config, matcher.dim, train.emb.shape[1], train.n_levels)
     model.to(device)
+    matcher.to(device)
+    if config.get("init_path"):  # self-training starts from the trained head (and its TM normaliser)
+        model.load_state_dict(torch.load(config["init_path"], map_location=device, weights_only=True)["model"])
+    else:  # TM statistics of all training rows: each worker streams its shard, the sums are all-reduced
+        model.fit_normaliser(functools.partial(_tm_chunks, matcher, train.clip, device), _all_reduce(world))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config["lr"], weight_decay=h["weight_decay"])
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=h["lr_decay"])
@@ -284,23 +350,30 @@ def supervised_loop(config: dict) -> None:
         start, best = state["epoch"] + 1, state.get("best")
         restore_rng(state.get("rng"), gen)
 
-    tensors = {k: torch.from_numpy(getattr(train, k)) for k in ("tm", "emb", "dist", "score")}
-    pseudo = load_pseudo_pool(config["pseudo_path"], feats.image_id, feats.tm, feats.emb) if config.get("pseudo_path") else None
+    tensors = {k: torch.from_numpy(getattr(train, k)) for k in ("clip", "emb", "dist", "score")}
+    local = np.full(feats["n_train"], -1, dtype=np.int64)  # train row -> row of this worker's shard
+    local[feats["shard"]] = np.arange(len(feats["shard"]))
+    local = torch.from_numpy(local)
+    pseudo = None
+    if config.get("pseudo_path"):
+        pseudo = load_pseudo_pool(config["pseudo_path"], functools.partial(_pool_inputs, config, rank, world))
+    logits = functools.partial(_logits, model, matcher)
     bs = h["batch_size"]
-    n_batches = max(1, math.ceil(len(train) / bs / world))
+    n_batches = max(1, math.ceil(feats["n_train"] / bs / world))
     log = EpochLogger(config.get("tracking_uri"), config.get("run_id")) if rank == 0 else None
     for epoch in tqdm(range(start, config["epochs"]), desc=config.get("desc", "head"), disable=rank != 0, initial=start, total=config["epochs"]):
         model.train()
-        perm = torch.randperm(len(train), generator=gen)
-        mine = perm[rank::world]
+        perm = torch.randperm(feats["n_train"], generator=gen)
+        mine = local[perm]
+        mine = mine[mine >= 0]  # this worker's shard, in this epoch's order
         totals = {"loss": 0.0, "emd": 0.0, "flsa": 0.0, "unlabeled": 0.0}
         for b in range(n_batches):
             rows = mine[b * bs : (b + 1) * bs]
             if len(rows) < 2:
                 rows = mine[:bs]
-            tm, emb = tensors["tm"][rows].to(device), tensors["emb"][rows].to(device)
+            clip, emb = tensors["clip"][rows].to(device), tensors["emb"][rows].to(device)
             dist, score = tensors["dist"][rows].to(device), tensors["score"][rows].to(device)
-            fused = model.fuse(tm, emb)
+            fused = model.fuse(matcher(clip), emb)  # TM per batch, on the worker's device
             targets = dist
             if h["tfa"] and len(rows) >= 3:
                 mf, mt, _ = tfa_mix(fused, dist, score, tau1=h["tfa_tau1"], tau2=h["tfa_tau2"], n_mix=h["tfa_n_mix"], generator=gen)
@@ -315,7 +388,7 @@ def supervised_loop(config: dict) -> None:
                 loss = loss + h["flsa_weight"] * l_flsa
             l_u = torch.zeros(())
             if pseudo is not None:  # ELTA eq. 10: unselected rows of the batch count as zeros
-                l_u = unlabeled_loss(pseudo, model, dist_loss, bs, gen, device)
+                l_u = unlabeled_loss(pseudo, logits, dist_loss, bs, gen, device)
                 loss = loss + config["unlabeled_weight"] * l_u
             opt.zero_grad()
             loss.backward()
@@ -327,7 +400,7 @@ def supervised_loop(config: dict) -> None:
         metrics = {"epoch": epoch, **totals, "lr": sched.get_last_lr()[0]}
         state = None
         if rank == 0:
-            metrics.update(_val_metrics(model, val))
+            metrics.update(_val_metrics(model, matcher, val))
             log(metrics, epoch)
             if h["keep_best"] and metrics.get("val_srcc", -np.inf) > (best or {}).get("val_srcc", -np.inf):
                 best = {"model": _cpu_copy(model.state_dict()), "epoch": epoch, "val_srcc": metrics["val_srcc"]}
