@@ -84,10 +84,10 @@ def main() -> None:
     from pipelines.config import TrainParams, as_dict, load_params
     from pipelines.metrics import evaluate
     from pipelines.ranking.cr_features import encoder_from_state, image_paths, write_cr_features
-    from pipelines.train.data import load_features
+    from pipelines.train.data import load_features, load_matcher
     from pipelines.train.loops import predict_logits, pretrain_loop, supervised_loop
     from pipelines.train.runner import run_training
-    from stages.common import FEATURES, IMAGE_EMB
+    from stages.common import FEATURES, IMAGE_EMB, TAG_EMB
     from stages.pretrain import pretrain_config
 
     torch.set_num_threads(args.threads)
@@ -127,6 +127,7 @@ def main() -> None:
             h.pop("ray")
             cr_path, emb_path = cr_inputs[enc or "embedding"]
             config = {"features_path": str(FEATURES.resolve()), "embeddings_path": str(emb_path),
+                      "clip_path": str(IMAGE_EMB.resolve()), "tags_path": str(TAG_EMB.resolve()),
                       "cr_path": str(cr_path) if enc else None, "head": h, "epochs": p.head.epochs, "lr": p.head.lr, "seed": seed}
             t = time.perf_counter()
             state = run_training(supervised_loop, config, local, stage=f"table-head-{seed}", inputs=[str(cr_path)])
@@ -134,9 +135,9 @@ def main() -> None:
 
             model = head_from_arch(state["arch"])
             model.load_state_dict(state["model"])
-            fs = load_features(FEATURES, emb_path)
+            fs = load_features(FEATURES, emb_path, clip_path=IMAGE_EMB)
             train, test = fs.split_of("train"), fs.split_of("test")
-            probs = torch.softmax(torch.from_numpy(predict_logits(model, test.tm, test.emb)), 1).numpy()
+            probs = torch.softmax(torch.from_numpy(predict_logits(model, load_matcher(FEATURES, TAG_EMB), test.clip, test.emb)), 1).numpy()
             res = evaluate(probs, test.dist, train.score, threshold=p.data.threshold, seed=seed)
             run[name] = {k: float(res[k]) for k in KEYS}
             run["seconds"][f"head {name}"] = round(time.perf_counter() - t, 1)

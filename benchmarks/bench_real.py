@@ -9,7 +9,7 @@ pipeline's own library code (no DVC), with Ray Train in local mode (``num_worker
 
 1. tag library: ``pipelines.tags.build_tag_library`` on the comment corpora in
    ``$IAA_SHARED_DATA/comments`` (DPC-Captions, PCCD, Food-IAC), restricted to the vocabulary;
-2. TM features (``tag_matching``) from the vocab embeddings, K-means clusters fitted on train;
+2. TM features (``TagMatcher``) from the vocab embeddings, K-means clusters fitted on train;
 3. balanced index (``build_index``) -> contrastive pretraining of E_CR (``pretrain_loop``);
 4. head with TFA + FLSA (``supervised_loop``);
 5. APDS (beta, t) search (``grid_search``) on labelled val -> pseudo labels for the unlabelled pool;
@@ -54,9 +54,9 @@ from pipelines.io import write_json, write_parquet  # noqa: E402
 from pipelines.metrics import dist_to_score, srcc  # noqa: E402
 from pipelines.ranking.index import build_index  # noqa: E402
 from pipelines.selftrain.pseudo import pseudo_labels  # noqa: E402
-from pipelines.semantics import semantic_clusters, tag_matching  # noqa: E402
+from pipelines.semantics import TagMatcher, semantic_clusters  # noqa: E402
 from pipelines.tags.library import build_tag_library  # noqa: E402
-from pipelines.embed.cache import write_chunk, write_meta  # noqa: E402
+from pipelines.embed.cache import write_chunk, write_meta, write_text_embeddings  # noqa: E402
 from pipelines.train.data import embedding_files, load_features, write_features_table  # noqa: E402
 from pipelines.train.loops import load_head, predict_logits, pretrain_loop, supervised_loop  # noqa: E402
 from pipelines.train.runner import run_training  # noqa: E402
@@ -193,8 +193,10 @@ def main() -> None:
             tags = sem + attr
             kinds = ["semantic"] * len(sem) + ["attribute"] * len(attr)
             tag_emb = d.phrase_emb[[pos[x] for x in tags]]
-            sim_sem, sim_attr = tag_matching(d.emb, tag_emb, kinds, scale=1.0)
+            matcher = TagMatcher(tag_emb, kinds, scale=1.0)
+            sim_sem = matcher.split(matcher.numpy(d.emb))[0]
             clusters = semantic_clusters(sim_sem, p.features.n_clusters, seed, fit_mask=tr)
+            del sim_sem
             labelled = np.isin(split, ("train", "val", "test"))
             score = np.where(labelled, d.score, np.nan).astype(np.float32)
             dist = np.where(labelled[:, None], d.dist, np.nan).astype(np.float32)
@@ -202,10 +204,11 @@ def main() -> None:
             embeddings = tmp / "embeddings"
             write_chunk(embeddings, 0, list(d.image_id), d.emb)
             write_meta(embeddings, {"fingerprint": {"embed_dim": int(d.emb.shape[1]), "source": str(args.data)}})
+            write_text_embeddings(tmp / "tags.parquet", tags, kinds, tag_emb)  # beside the cache: what the loops' TM reads
             emb_inputs = [str(f) for f in embedding_files(embeddings)]
             features = tmp / "features.parquet"
             write_features_table(features, image_id=d.image_id, split=split, score=score, dist=dist, cluster=clusters,
-                                 tm=np.concatenate([sim_sem, sim_attr], 1), emb_dim=d.emb.shape[1])
+                                 emb_dim=d.emb.shape[1], n_semantic=len(sem), n_attribute=len(attr))
             feats = load_features(features, embeddings)
             ftrain = feats.split_of("train")
             index, index_report = build_index(ftrain.cluster, ftrain.score, low=p.index.low, high=p.index.high,
@@ -240,7 +243,7 @@ def main() -> None:
             def predict(model_path: Path, on=None) -> np.ndarray:
                 on = test if on is None else on
                 m = load_head(model_path)
-                return torch.softmax(torch.from_numpy(predict_logits(m, on.tm, on.emb)), 1).numpy()
+                return torch.softmax(torch.from_numpy(predict_logits(m, matcher, on.clip, on.emb)), 1).numpy()
 
             def val_score(model_path: Path) -> np.ndarray:
                 return dist_to_score(predict(model_path, val))

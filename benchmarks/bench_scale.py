@@ -1,6 +1,13 @@
 """The data stages at AVA's full size: wall time, CPU time and peak RSS of every stage process.
 
     nice -n 10 python benchmarks/bench_scale.py [--rows 20000] [--out benchmarks/results/scale.json]
+    nice -n 10 python benchmarks/bench_scale.py --rows 20000 --head --before DIR   # before / after, side by side
+
+``--head`` also runs the head stage (one epoch, TM only, Ray Train's local mode: the loop runs in
+the stage's process, so its peak RSS is what one Ray worker holds). ``--before DIR`` runs
+``features``, ``index`` (and ``head``) a second time with the code of another checkout (``DIR``,
+e.g. ``git archive main | tar -x -C DIR``), on a copy of the same workspace after ``embed``, and
+reports both.
 
 Inputs, in a scratch workspace (the stages run exactly as `dvc repro` runs them:
 ``python -m stages.<name>`` in a folder with ``params.yaml``, ``config/`` and ``data/``):
@@ -18,7 +25,7 @@ Inputs, in a scratch workspace (the stages run exactly as `dvc repro` runs them:
   (:func:`bench_kmeans.synthetic_embeddings`), logit scale 100, for every image and every tag;
 - 15 clusters (the paper's), K-means as in ``params.yaml`` (``features.kmeans*``).
 
-Each stage is one process; ``os.wait4`` gives its own peak RSS and CPU time. Building the
+Each stage is one process; ``os.wait4`` gives its CPU time, its ``/proc`` VmHWM its own peak RSS. Building the
 inputs is not timed. Targets: all data stages together under 60 s, and no process above 4 GB.
 """
 
@@ -50,10 +57,29 @@ STAGES = ("prepare", "tags", "embed", "features", "index")
 TARGET_TOTAL_S, TARGET_RSS_GB = 60.0, 4.0
 
 
+HEAD_PARAMS = {"use_cr": False, "epochs": 1, "keep_best": False}  # TM only: no pretrain needed; one epoch
+
+
+# runs a stage as `python -m stages.<name>` does, then writes its own peak RSS (VmHWM: this process
+# since exec; wait4's ru_maxrss would also count the pages of the forked benchmark process)
+RUNNER = """
+import atexit, os, runpy, sys
+def hwm():
+    with open("/proc/self/status") as fh:
+        kb = next(line.split()[1] for line in fh if line.startswith("VmHWM"))
+    with open(os.environ["BENCH_HWM_FILE"], "w") as out:
+        out.write(kb)
+atexit.register(hwm)
+sys.argv = [sys.argv[1]]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
 def run_stage(name: str, cwd: Path, env: dict) -> dict:
-    """Run ``python -m stages.<name>``; its wall time, CPU time and peak RSS (its own, by ``wait4``)."""
+    """Run stage ``name`` as ``python -m stages.<name>``; its wall time, CPU time (``wait4``) and peak RSS (VmHWM)."""
+    hwm = cwd / f".hwm-{name}"
     t = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", f"stages.{name}"], cwd=cwd, env=env,
+    proc = subprocess.Popen([sys.executable, "-c", RUNNER, f"stages.{name}"], cwd=cwd, env={**env, "BENCH_HWM_FILE": str(hwm)},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out = proc.stdout.read()  # type: ignore[union-attr]
     _, status, usage = os.wait4(proc.pid, 0)
@@ -62,7 +88,7 @@ def run_stage(name: str, cwd: Path, env: dict) -> dict:
     if proc.returncode:
         raise SystemExit(f"stage {name} failed ({proc.returncode}):\n{out.decode()[-4000:]}")
     return {"wall_s": round(wall, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
-            "peak_rss_gb": round(usage.ru_maxrss / 2**20, 3)}  # ru_maxrss is in KiB on Linux
+            "peak_rss_gb": round(int(hwm.read_text()) / 2**20, 3)}  # kB
 
 
 def unit_table(ids, column: str, emb: np.ndarray) -> pa.Table:
@@ -124,18 +150,30 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=None, help="first N AVA rows (default: all 255,502)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scale.json")
+    ap.add_argument("--head", action="store_true", help="also run the head stage (1 epoch, TM only, local mode)")
+    ap.add_argument("--before", type=Path, default=None,
+                    help="a checkout of the code before a change: features / index / head run with it too")
     args = ap.parse_args()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI", "MLFLOW_", "RAY_ADDRESS"))}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     base = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     load = [os.getloadavg()[0]]
+    after = STAGES + (("head",) if args.head else ())
+    before: dict[str, dict] = {}
     try:
         ws, n_rows = workspace(base, args.rows)
+        if args.head:
+            params = yaml.safe_load((ws / "params.yaml").read_text())
+            params["head"].update(HEAD_PARAMS)
+            params["head"]["ray"]["num_workers"] = 0
+            (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         stages: dict[str, dict] = {}
-        for name in STAGES:
+        for name in after:
             if name == "embed":
                 libraries = pad_libraries(ws)
                 byo_tables(ws)
+            if name == "features" and args.before:  # the same inputs for the code before
+                shutil.copytree(ws, base / "ws_before", symlinks=True)
             stages[name] = run_stage(name, ws, env)
             load.append(os.getloadavg()[0])
             print(name, stages[name], flush=True)
@@ -143,9 +181,18 @@ def main() -> None:
         clusters = json.loads((ws / "data" / "features" / "clusters.json").read_text())
         sizes = {p: round((ws / p).stat().st_size / 2**20, 1) for p in ("data/byo/items.parquet",
                                                                         "data/features/features.parquet")}
+        if args.before:
+            env_before = {**env, "PYTHONPATH": str(args.before.resolve()) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+            for name in after[after.index("features"):]:
+                before[name] = run_stage(name, base / "ws_before", env_before)
+                load.append(os.getloadavg()[0])
+                print("before", name, before[name], flush=True)
+            sizes["data/features/features.parquet (before)"] = round(
+                (base / "ws_before/data/features/features.parquet").stat().st_size / 2**20, 1)
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    total = sum(s["wall_s"] for s in stages.values())
+    data = {k: v for k, v in stages.items() if k in STAGES}
+    total = sum(s["wall_s"] for s in data.values())
     peak = max(s["peak_rss_gb"] for s in stages.values())
     p = yaml.safe_load((ROOT / "params.yaml").read_text())["features"]
     result = {
@@ -155,7 +202,9 @@ def main() -> None:
         "cluster_sizes": sorted((c["size"] for c in clusters["clusters"].values()), reverse=True),
         "file_mb": sizes, "cpu_count": os.cpu_count(), "load_average_1min": [round(x, 1) for x in load],
         "stages": stages,
-        "total_wall_s": round(total, 1), "total_cpu_s": round(sum(s["cpu_s"] for s in stages.values()), 1),
+        **({"head_params": HEAD_PARAMS} if args.head else {}),
+        **({"before": {"code": str(args.before), "stages": before}} if args.before else {}),
+        "total_wall_s": round(total, 1), "total_cpu_s": round(sum(s["cpu_s"] for s in data.values()), 1),
         "max_peak_rss_gb": peak,
         "targets": {"total_under_60_s": total < TARGET_TOTAL_S, "every_process_under_4_gb": peak < TARGET_RSS_GB},
     }

@@ -78,7 +78,7 @@ def pseudo_label_step(config: dict) -> None:
     from pipelines.selftrain.pseudo import pseudo_labels
 
     labels = pseudo_labels(
-        config["features_path"], config["embeddings_path"], config["head_path"], tags_path=config["tags_path"],
+        config["features_path"], config["embeddings_path"], config["head_path"], tags_path=config.get("tags_path"),
         seed=config["seed"],
         val_fraction=config["val_fraction"], betas=config["betas"], thresholds=config["thresholds"],
         min_selected=config["min_selected"],

@@ -17,7 +17,7 @@ import pytest
 from pipelines.embed.byo import import_byo, import_item_embeddings, import_text_embeddings
 from pipelines.embed.cache import read_image_embeddings, read_text_embeddings
 from pipelines.io import DataError, read_json
-from pipelines.semantics import tag_matching
+from pipelines.semantics import TagMatcher
 from pipelines.train.data import list_column
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +72,8 @@ def test_real_tables_round_trip_into_the_embed_formats(tmp_path, real):
     card = read_json(tmp_path / "emb" / "card.json")
     assert card["embed_dim"] == 384 and card["random_weights"] is False and card["n_attribute"] == 4
 
-    sem, attr = tag_matching(got, temb, kinds)
+    matcher = TagMatcher(temb, kinds)
+    sem, attr = matcher.split(matcher.numpy(got))
     assert sem.shape == (250, 3) and attr.shape == (250, 4)
     assert np.all(np.abs(sem) <= 1 + 1e-5)  # unit vectors: cosines
 

@@ -214,7 +214,7 @@ def test_registered_model_scores_with_the_pipeline_numerics(tmp_path):
     from pipelines.embed.encode import embed_images, read_text_embeddings, write_text_embeddings
     from pipelines.embed.encode import embed_texts
     from pipelines.metrics import dist_to_score
-    from pipelines.semantics import tag_matching
+    from pipelines.semantics import TagMatcher
     from pipelines.tracking.scoring import ScoringModel
     from pipelines.train.loops import head_from_arch, predict_logits
 
@@ -236,9 +236,8 @@ def test_registered_model_scores_with_the_pipeline_numerics(tmp_path):
     arch = {"tm_in": len(tags), "n_levels": 10, "cr_spec": {"in_dim": clip.embed_dim, "hidden": 16, "dim": 8, "dropout": 0.0}, "head": HEAD}
     torch.manual_seed(1)
     head = head_from_arch(arch).eval()
-    # what the features + evaluate stages compute from the cache
-    tm = np.concatenate(tag_matching(emb, tag_emb, kinds, scale=100.0), 1)
-    expected = dist_to_score(torch.softmax(torch.from_numpy(predict_logits(head, tm, emb)), 1).numpy())
+    # what the evaluate stage computes from the cache (TM on the fly, the served model's TagMatcher)
+    expected = dist_to_score(torch.softmax(torch.from_numpy(predict_logits(head, TagMatcher(tag_emb, kinds, 100.0), emb, emb)), 1).numpy())
 
     def scorer(precision: str) -> ScoringModel:
         make_bundle(tmp_path / f"{precision}.pt", head_state={"arch": arch, "model": head.state_dict()}, card=CARD, tags=tags,

@@ -1,4 +1,4 @@
-"""Tag matching and K-means in bounded memory, checked against direct numpy references."""
+"""K-means in bounded memory, checked against direct numpy references."""
 
 from __future__ import annotations
 
@@ -14,8 +14,6 @@ from pipelines.semantics import (
     inertia,
     kmeans_space,
     semantic_clusters,
-    tag_matching,
-    tm_features,
 )
 from pipelines.semantics.match import resolve_n_init
 
@@ -28,26 +26,6 @@ def unit(rng, n, d):
 def blobs(rng, n_per, centres, spread=0.05):
     x = np.concatenate([c + spread * rng.standard_normal((n_per, len(c))) for c in centres]).astype(np.float32)
     return x, np.repeat(np.arange(len(centres)), n_per)
-
-
-def test_tm_features_are_scaled_cosines_semantic_first_in_blocks():
-    rng = np.random.default_rng(0)
-    emb, tags = unit(rng, 50, 16), unit(rng, 9, 16)
-    kinds = ["attribute", "semantic", "semantic", "attribute", "semantic", "attribute", "semantic", "attribute", "semantic"]
-    tm, n_sem = tm_features(emb, tags, kinds, scale=100.0, chunk_rows=7)  # blocks that do not divide N
-    sem = [i for i, k in enumerate(kinds) if k == "semantic"]
-    attr = [i for i, k in enumerate(kinds) if k == "attribute"]
-    expect = 100.0 * np.concatenate([emb @ tags[sem].T, emb @ tags[attr].T], axis=1)
-    assert n_sem == len(sem) and tm.dtype == np.float32
-    np.testing.assert_allclose(tm, expect, rtol=1e-5, atol=1e-4)
-    s, a = tag_matching(emb, tags, kinds, scale=100.0)
-    np.testing.assert_allclose(np.concatenate([s, a], 1), expect, rtol=1e-5, atol=1e-4)
-
-
-def test_tm_features_need_both_kinds():
-    rng = np.random.default_rng(0)
-    with pytest.raises(DataError, match="no semantic or no attribute"):
-        tm_features(unit(rng, 3, 4), unit(rng, 2, 4), ["semantic", "semantic"])
 
 
 def test_assign_inertia_and_means_match_brute_force():

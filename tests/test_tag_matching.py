@@ -198,7 +198,6 @@ def _reads(log: Path, name: str, rank: int) -> list[list[str]]:
 def test_two_workers_each_read_only_their_shard(tmp_path, monkeypatch):
     import ray
 
-    from pipelines.train.loops import supervised_loop
     from pipelines.train.runner import run_training
 
     monkeypatch.setenv("IAA_RUNS_DIR", str(tmp_path / "runs"))

@@ -83,7 +83,7 @@ def write_features_table(path, *, image_id, split, score, dist, cluster, emb_dim
 COLUMNS = ["image_id", "split", "score", "cluster", "dist"]
 
 
-def _table(path: Path, columns: list[str], splits) -> "pa.Table":  # noqa: F821
+def _table(path: Path, columns: list[str], splits):
     if not path.exists():
         raise DataError(f"{path}: features table not found; run `dvc repro features`.")
     try:
