@@ -83,22 +83,23 @@ def write_features_table(path, *, image_id, split, score, dist, cluster, emb_dim
 COLUMNS = ["image_id", "split", "score", "cluster", "dist"]
 
 
-def _table(path: Path, columns: list[str], splits):
+def _read(path: Path, read):
+    """``read()`` of the features table at ``path``, with errors that name it and the fix."""
     if not path.exists():
         raise DataError(f"{path}: features table not found; run `dvc repro features`.")
     try:
-        return pq.read_table(path, columns=columns, filters=None if splits is None else [("split", "in", list(splits))])
+        return read()
     except Exception as exc:  # noqa: BLE001
         raise DataError(f"{path}: not a readable features table ({exc}); rerun `dvc repro features`.") from exc
+
+
+def _table(path: Path, columns: list[str], splits):
+    filters = None if splits is None else [("split", "in", list(splits))]
+    return _read(path, lambda: pq.read_table(path, columns=columns, filters=filters))
 
 
 def _meta(path: Path) -> dict:
-    if not path.exists():
-        raise DataError(f"{path}: features table not found; run `dvc repro features`.")
-    try:
-        return pq.read_schema(path).metadata or {}
-    except Exception as exc:  # noqa: BLE001
-        raise DataError(f"{path}: not a readable features table ({exc}); rerun `dvc repro features`.") from exc
+    return _read(path, lambda: pq.read_schema(path).metadata or {})
 
 
 def load_features(features_path: str | Path, embeddings_path: str | Path | None, *, clip_path: str | Path | None = None,
