@@ -205,14 +205,14 @@ def embed_images_ray(
     import ray
 
     check_ray_params(params, source)
+    start_ray(params)
+    check_resources(params, source)  # in seconds, before the files are hashed
     run = CacheRun(
         bundle, items, out_dir, precision=precision, fingerprint=fingerprint, chunk_rows=chunk_rows,
         num_workers=num_workers,
     )
     if not run.pending:
-        return run.report(0.0, engine="ray", actors=params.actors, setup_s=0.0)
-    start_ray(params)
-    check_resources(params, source)
+        return run.report(0.0, engine="ray", actors=params.actors, calibration_s=0.0, setup_s=0.0)
     t0 = time.perf_counter()
     threads = max(1, int(params.cpus_per_actor))
     resources = {"num_cpus": params.cpus_per_actor, "num_gpus": params.gpus_per_actor or None}
@@ -232,10 +232,13 @@ def embed_images_ray(
     calib_s = time.perf_counter() - t0
 
     bar = tqdm(total=len(run.pending), unit="img", desc="embed images (ray)", disable=not progress)
+    first: tuple[float, int] | None = None  # when the first batch came back, its rows
     if run.used is not None:
         with _data_context():  # active when the dataset is made: it keeps a copy
             ds = _pipeline(run.pending, shipped, bundle.preprocess, run.used, probe, params, threads, resources)
             for out in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+                if first is None:  # actors started, first batch through
+                    first = (time.perf_counter(), len(out["image_id"]))
                 failed = out["error"] != ""
                 for image_id, path, error in zip(out["image_id"][failed], out["path"][failed], out["error"][failed]):
                     run.skipped.append({"image_id": str(image_id), "path": str(path), "error": str(error)})
@@ -246,8 +249,20 @@ def embed_images_ray(
     else:  # no image could be decoded at all: the report says so
         run.skipped.extend(_failures(run.pending, decoder))
     bar.close()
-    loop_s = time.perf_counter() - t0 - calib_s  # the pipeline, actor start-up included
-    return run.report(loop_s, engine="ray", actors=params.actors, calibration_s=calib_s, setup_s=calib_s)
+    end = time.perf_counter()
+    loop_s = end - t0 - calib_s  # the pipeline, actor start-up included
+    steady = None
+    if first is not None and end > first[0] and len(run.pending) > first[1]:
+        steady = (len(run.pending) - first[1]) / (end - first[0])
+    return run.report(
+        loop_s,
+        engine="ray",
+        actors=params.actors,
+        calibration_s=calib_s,
+        setup_s=calib_s,  # the auto calibration task (excluded from img_per_s)
+        first_batch_s=None if first is None else first[0] - t0 - calib_s,  # actor start-up + one batch
+        steady_img_per_s=steady,  # rows (decoded, skipped or embedded) per s after the first batch
+    )
 
 
 def _pipeline(
@@ -257,6 +272,9 @@ def _pipeline(
     import ray.data
     from ray.data import ActorPoolStrategy
 
+    from pipelines.logs import quiet_ray_loggers
+
+    quiet_ray_loggers()  # Ray Data's logger, set up on import, writes to the terminal itself
     rows = [{"image_id": i, "path": p} for i, p in pending]
     blocks = max(1, min(len(rows), math.ceil(len(rows) / r.batch_size)))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
