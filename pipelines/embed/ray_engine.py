@@ -126,6 +126,7 @@ def decode_batch(batch: dict[str, np.ndarray], preprocess: Any, shape: tuple[int
     An unreadable file is a row with ``error`` set (and zeros), skipped by the actors and
     listed in the report, as in the local engine.
     """
+    start = time.perf_counter()
     decoder = ImageDecoder(preprocess)
     paths = batch["path"]
     images = np.zeros((len(paths), *shape), dtype=dtype)
@@ -142,39 +143,49 @@ def decode_batch(batch: dict[str, np.ndarray], preprocess: Any, shape: tuple[int
                 f"{shape}; the ray engine needs a fixed-size transform (use embed.engine: local)."
             )
         images[i] = img
-    return {"image_id": batch["image_id"], "path": paths, "error": np.array(errors, dtype=object), "image": images}
+    seconds = np.full(len(paths), (time.perf_counter() - start) / max(1, len(paths)))  # per row: sums to the task's
+    return {"image_id": batch["image_id"], "path": paths, "error": np.array(errors, dtype=object), "image": images,
+            "decode_s": seconds}
+
+
+def on_actor_device(bundle: ClipBundle, use_gpu: bool, threads: int) -> ClipBundle:
+    """The bundle on this Ray worker's device: its GPU when the pool asks for GPUs, else the CPU."""
+    torch.set_num_threads(threads)
+    if not use_gpu:
+        return bundle
+    if not torch.cuda.is_available():
+        raise DataError(f"{KEY}.gpus_per_actor > 0, but a Ray worker given a GPU sees no CUDA device; check the node's driver.")
+    return dataclasses.replace(bundle, model=bundle.model.to("cuda"), device="cuda")
 
 
 class ClipActor:
     """One actor of the pool: the driver's model on this actor's device, on the cache's path."""
 
-    def __init__(self, shipped: Any, precision: str, threads: int) -> None:
+    def __init__(self, shipped: Any, precision: str, use_gpu: bool, threads: int) -> None:
         import ray
 
-        torch.set_num_threads(threads)
-        bundle: ClipBundle = ray.get(shipped[0])  # the model, from the object store
-        if torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES", "") not in ("", "-1"):
-            bundle = dataclasses.replace(bundle, model=bundle.model.to("cuda"), device="cuda")
+        bundle = on_actor_device(ray.get(shipped[0]), use_gpu, threads)  # the model, from the object store
         self.device = bundle.device
         self.dim = bundle.embed_dim
         self.decoder = ImageDecoder(bundle.preprocess)
         self.encode = BUILDERS[precision](bundle)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        start = time.perf_counter()
         ok = batch["error"] == ""
         emb = np.zeros((len(ok), self.dim), dtype=np.float32)
         if ok.any():
             x = self.decoder.collate(list(batch["image"][ok])).to(self.device)
             with torch.inference_mode():
                 emb[ok] = self.encode(x).cpu().numpy()
-        return {"image_id": batch["image_id"], "path": batch["path"], "error": batch["error"], "embedding": emb}
+        seconds = np.full(len(ok), (time.perf_counter() - start) / max(1, len(ok)))
+        return {"image_id": batch["image_id"], "path": batch["path"], "error": batch["error"], "embedding": emb,
+                "decode_s": batch["decode_s"], "encode_s": seconds}
 
 
-def _calibrate_task(bundle: ClipBundle, images: list[np.ndarray], threads: int) -> tuple[str, dict[str, Any]]:
+def _calibrate_task(bundle: ClipBundle, images: list[np.ndarray], use_gpu: bool, threads: int) -> tuple[str, dict[str, Any]]:
     """Ray task with one actor's resources: ``calibrate`` on that kind of device."""
-    torch.set_num_threads(threads)
-    if torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES", "") not in ("", "-1"):
-        bundle = dataclasses.replace(bundle, model=bundle.model.to("cuda"), device="cuda")
+    bundle = on_actor_device(bundle, use_gpu, threads)
     x = ImageDecoder(bundle.preprocess).collate(images).to(bundle.device)
     used, table, _ = calibrate(bundle, x)
     return used, table
@@ -214,7 +225,7 @@ def embed_images_ray(
     if not run.pending:
         return run.report(0.0, engine="ray", actors=params.actors, calibration_s=0.0, setup_s=0.0)
     t0 = time.perf_counter()
-    threads = max(1, int(params.cpus_per_actor))
+    threads, use_gpu = max(1, int(params.cpus_per_actor)), params.gpus_per_actor > 0
     resources = {"num_cpus": params.cpus_per_actor, "num_gpus": params.gpus_per_actor or None}
     shipped = ray.put(dataclasses.replace(bundle, tokenizer=None))  # the model, once, for every actor
     decoder = ImageDecoder(bundle.preprocess)
@@ -224,7 +235,7 @@ def embed_images_ray(
         sample = _first_decodable(run.pending, decoder, CALIB_IMAGES)
         if sample:
             task = ray.remote(**resources)(_calibrate_task)
-            used, table = ray.get(task.remote(shipped, sample, threads))
+            used, table = ray.get(task.remote(shipped, sample, use_gpu, threads))
             log.info("precision auto -> %s (%s)", used, table)
             run.start(used, table)
     else:
@@ -232,13 +243,16 @@ def embed_images_ray(
     calib_s = time.perf_counter() - t0
 
     bar = tqdm(total=len(run.pending), unit="img", desc="embed images (ray)", disable=not progress)
-    first: tuple[float, int] | None = None  # when the first batch came back, its rows
+    first: float | None = None  # when the first batch came back
+    busy = [0.0, 0.0]  # seconds the decode tasks and the actors spent on the batches, all together
     if run.used is not None:
         with _data_context():  # active when the dataset is made: it keeps a copy
-            ds = _pipeline(run.pending, shipped, bundle.preprocess, run.used, probe, params, threads, resources)
+            ds = _pipeline(run.pending, shipped, bundle.preprocess, run.used, probe, params, (use_gpu, threads), resources)
             for out in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
                 if first is None:  # actors started, first batch through
-                    first = (time.perf_counter(), len(out["image_id"]))
+                    first = time.perf_counter()
+                busy[0] += float(out["decode_s"].sum())
+                busy[1] += float(out["encode_s"].sum())
                 failed = out["error"] != ""
                 for image_id, path, error in zip(out["image_id"][failed], out["path"][failed], out["error"][failed]):
                     run.skipped.append({"image_id": str(image_id), "path": str(path), "error": str(error)})
@@ -249,25 +263,22 @@ def embed_images_ray(
     else:  # no image could be decoded at all: the report says so
         run.skipped.extend(_failures(run.pending, decoder))
     bar.close()
-    end = time.perf_counter()
-    loop_s = end - t0 - calib_s  # the pipeline, actor start-up included
-    steady = None
-    if first is not None and end > first[0] and len(run.pending) > first[1]:
-        steady = (len(run.pending) - first[1]) / (end - first[0])
+    loop_s = time.perf_counter() - t0 - calib_s  # the pipeline, actor start-up included
     return run.report(
         loop_s,
         engine="ray",
         actors=params.actors,
         calibration_s=calib_s,
         setup_s=calib_s,  # the auto calibration task (excluded from img_per_s)
-        first_batch_s=None if first is None else first[0] - t0 - calib_s,  # actor start-up + one batch
-        steady_img_per_s=steady,  # rows (decoded, skipped or embedded) per s after the first batch
+        first_batch_s=None if first is None else first - t0 - calib_s,  # actor start-up + the first batch
+        decode_busy_s=busy[0],  # summed over the decode tasks (fused into the actors when both ask the same resources)
+        encode_busy_s=busy[1],  # summed over the actors
     )
 
 
 def _pipeline(
     pending: list[tuple[str, str]], shipped: Any, preprocess: Any, used: str, probe: np.ndarray, r: EmbedRayParams,
-    threads: int, resources: dict[str, Any],
+    device: tuple[bool, int], resources: dict[str, Any],
 ) -> Any:
     import ray.data
     from ray.data import ActorPoolStrategy
@@ -289,7 +300,7 @@ def _pipeline(
         ClipActor,
         batch_size=r.batch_size,
         compute=ActorPoolStrategy(size=r.actors),
-        fn_constructor_args=([shipped], used, threads),  # nested: not an actor dependency
+        fn_constructor_args=([shipped], used, *device),  # nested: not an actor dependency
         udf_modifying_row_count=False,
         **resources,
     )
