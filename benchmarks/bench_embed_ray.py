@@ -1,7 +1,7 @@
 """Image embedding, local engine vs Ray Data engine (2 CPU actors), on the same demo images.
 
     nice -n 10 python benchmarks/bench_embed_ray.py [--model ViT-B-32] [--n-images 128]
-        [--actors 2] [--precisions fp32]
+        [--actors 2] [--precisions fp32] [--gpus-per-actor 1 --device cuda]
 
 Both engines write a fresh cache of the same images (demo JPEGs, 224 px, made here) with the
 same model (random weights: speed does not depend on them) on the same precision path, and
@@ -58,14 +58,18 @@ def main() -> None:
     ap.add_argument("--num-workers", type=int, default=2, help="local engine: decode threads")
     ap.add_argument("--actors", type=int, default=2)
     ap.add_argument("--cpus-per-actor", type=float, default=1.0)
+    ap.add_argument("--gpus-per-actor", type=float, default=0.0, help="e.g. 1 on a GPU machine")
+    ap.add_argument("--device", default="cpu", help="the local engine's device (cuda on a GPU machine)")
     ap.add_argument("--precisions", default="fp32", help="comma-separated, e.g. fp32,int8")
     ap.add_argument("--wait-idle", type=float, default=15, help="max s to wait for a quiet machine per run")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/embed_ray.json"))
     args = ap.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    bundle = load_clip(args.model, "none", seed=0)
-    ray_params = EmbedRayParams(actors=args.actors, batch_size=args.batch_size, cpus_per_actor=args.cpus_per_actor)
+    bundle = load_clip(args.model, "none", seed=0)  # shipped to the actors from the CPU
+    local_bundle = bundle if args.device == "cpu" else load_clip(args.model, "none", seed=0, device=args.device)
+    ray_params = EmbedRayParams(actors=args.actors, batch_size=args.batch_size, cpus_per_actor=args.cpus_per_actor,
+                                gpus_per_actor=args.gpus_per_actor)
     load, quiet, rows = [os.getloadavg()[0]], [], []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -81,7 +85,7 @@ def main() -> None:
                 quiet.append(wait_for_idle(args.wait_idle))
                 start = time.perf_counter()
                 if engine == "local":
-                    rep = embed_images(bundle, items, cache, batch_size=args.batch_size, num_workers=args.num_workers,
+                    rep = embed_images(local_bundle, items, cache, batch_size=args.batch_size, num_workers=args.num_workers,
                                        precision=precision, progress=False)
                     steady = rep["img_per_s"]
                 else:
@@ -110,8 +114,9 @@ def main() -> None:
         "weights": "random (pretrained: none)",
         "images": f"{args.n_images} demo JPEGs, 224 px",
         "batch_size": args.batch_size,
-        "local": {"decode_threads": args.num_workers, "torch_threads": torch.get_num_threads()},
-        "ray": {"actors": args.actors, "cpus_per_actor": args.cpus_per_actor, "ray_init_s": round(ray_init_s, 2)},
+        "local": {"device": args.device, "decode_threads": args.num_workers, "torch_threads": torch.get_num_threads()},
+        "ray": {"actors": args.actors, "cpus_per_actor": args.cpus_per_actor, "gpus_per_actor": args.gpus_per_actor,
+                "ray_init_s": round(ray_init_s, 2)},
         "speeds": "img/s, decode included; wall = whole call; steady = local: img_per_s without the path set-up, ray: n * actors / the actors' decode + encode seconds",
         "machine": {
             "cpu_count": os.cpu_count(),
