@@ -102,6 +102,28 @@ def test_ray_engine_embeds_only_what_a_partial_cache_lacks(ray_local, bundle, it
     assert cos.min() > (1 - 1e-6 if used == "fp32" else 0.999)  # int8 quantises per batch
 
 
+def test_a_ray_run_stopped_midway_leaves_whole_chunks(ray_local, bundle, items, tmp_path: Path, monkeypatch) -> None:
+    from pipelines.embed.encode import CacheRun
+
+    cache, add, calls = tmp_path / "cache", CacheRun.add, []
+
+    def crash_on_second_batch(self, ids, emb):  # the stage process dies while batches stream in
+        add(self, ids, emb)
+        calls.append(len(ids))
+        if len(calls) == 2:
+            raise RuntimeError("stopped")
+
+    monkeypatch.setattr(CacheRun, "add", crash_on_second_batch)
+    with pytest.raises(RuntimeError, match="stopped"):
+        embed_images_ray(bundle, items, cache, TWO, chunk_rows=2, precision="fp32", progress=False)
+    monkeypatch.undo()
+    done = sum(calls) // 2 * 2  # rows in whole chunks; the rest was only buffered
+    assert not [p for p in cache.iterdir() if p.suffix == ".tmp" or p.name.startswith(".")]
+    assert len(read_image_embeddings(cache)[0]) == done > 0  # every chunk on disk is whole and valid
+    rep = embed_images(bundle, items, cache, batch_size=4, chunk_rows=2, precision="fp32", progress=False)
+    assert rep["n_resumed"] == done and rep["n_embedded_now"] == 12 - done and not rep["bad_chunks"]
+
+
 def test_bad_ray_params_name_the_key(bundle, items, tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"embed\.ray\.actors = 0 .*embed\.ray\.gpus_per_actor = -1"):
         check_ray_params(EmbedRayParams(actors=0, gpus_per_actor=-1))
