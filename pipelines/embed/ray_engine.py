@@ -300,7 +300,7 @@ def _pipeline(
         ClipActor,
         batch_size=r.batch_size,
         compute=ActorPoolStrategy(size=r.actors),
-        fn_constructor_args=([shipped], used, *device),  # nested: not an actor dependency
+        fn_constructor_args=([shipped], used, *device),  # the actor fetches the model itself
         udf_modifying_row_count=False,
         **resources,
     )
