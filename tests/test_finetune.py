@@ -115,3 +115,23 @@ def test_stages_after_the_head_refuse_a_cache_of_other_weights(tmp_path, monkeyp
     assert tuned_fingerprint(other) != tuned_fingerprint(entry)
     with pytest.raises(DataError, match=r"cr_features_tuned: holds the features of backbone weights .*rerun `dvc repro head`"):
         state_cr_input({"arch": {}, "cr_backbone": other})
+
+
+def test_tune_names_the_param_for_pixel_trained_steps():
+    """``stages.tune`` searches E_CR's MLP and heads over cached features: the image E_CR's
+    pretraining and the pixel fine-tune are refused before any trial, naming the param."""
+    from pipelines.config import params_from_dict, read_yaml
+    from stages.tune import check_tunable
+
+    raw = read_yaml("params.yaml", "")
+
+    def p(**blocks):
+        return params_from_dict({**raw, **{k: {**raw[k], **v} for k, v in blocks.items()}})
+
+    check_tunable(p(), "pretrain", "params.yaml")  # the embedding E_CR: tunable
+    check_tunable(p(pretrain={"encoder": "image"}), "head", "params.yaml")  # a linear probe over the cached features
+    with pytest.raises(DataError, match=r"tune --stage pretrain tunes the embedding E_CR only, but pretrain\.encoder = 'image'"):
+        check_tunable(p(pretrain={"encoder": "image"}), "pretrain", "params.yaml")
+    for stage in ("head", "pseudo"):
+        with pytest.raises(DataError, match=r"head\.protocol = 'fine_tune' with pretrain\.encoder = 'image'.*head\.protocol: linear_probe"):
+            check_tunable(p(pretrain={"encoder": "image"}, head={"protocol": "fine_tune"}), stage, "params.yaml")
