@@ -93,6 +93,8 @@ def finetune_loop(config: dict) -> None:
     enc.backbone.load_state_dict(backbone_state(cr_state))
     head, arch = build_head(config, tm_of(train).shape[1], int(spec["in_dim"]), train.n_levels)
     head.fit_normaliser(torch.from_numpy(tm_of(train)))
+    if h.get("cr_features") == "hidden":  # z's layer feeds nothing: frozen, so DDP waits for no gradient of it
+        head.cr.net[3:].requires_grad_(False)
     ft = FineTuneModel(enc.backbone, head, h).to(device)
     paths = image_paths(config["manifest_path"], feats.image_id, config["root"])
     rows_of = {s: np.flatnonzero(np.isin(feats.split, s)) for s in ("train", "val")}
