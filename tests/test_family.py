@@ -59,7 +59,8 @@ def test_family_stage_trains_and_writes_eval_shaped_metrics(demo, monkeypatch, f
     write_params(demo, base_model(family, **extra))
     metrics = run()
     headline = json.loads((demo / "metrics" / "family.json").read_text())
-    assert set(headline) == {family, "random_weights"} and headline["random_weights"] is True
+    assert set(headline) == {family, "random_weights", "registered_model"} and headline["random_weights"] is True
+    assert headline["registered_model"] == family
     assert headline[family]["srcc"] == metrics[family]["srcc"]
     on_disk = json.loads((demo / "metrics" / "details" / "family.json").read_text())
     assert on_disk["registered_model"] == family and set(on_disk[family]) >= EVAL_KEYS | {"plcc_sd", "srcc_sd"}
