@@ -4,6 +4,8 @@ pyfunc model scoring from the head file exactly as the pipeline predicts."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
 import numpy as np
 import pandas as pd
@@ -115,6 +117,18 @@ def test_stages_after_the_head_refuse_a_cache_of_other_weights(tmp_path, monkeyp
     assert tuned_fingerprint(other) != tuned_fingerprint(entry)
     with pytest.raises(DataError, match=r"cr_features_tuned: holds the features of backbone weights .*rerun `dvc repro head`"):
         state_cr_input({"arch": {}, "cr_backbone": other})
+
+
+def test_images_missing_for_the_fine_tune_rows_name_the_files(tmp_path):
+    from pipelines.ranking.finetune import finetune_images
+
+    make_image_data(tmp_path)
+    feats = load_features(tmp_path / "features.parquet", None)
+    train, val = finetune_images(ft_config(tmp_path), feats)
+    assert len(train) == 30 and len(val) == 8
+    Path(val[0]).unlink()
+    with pytest.raises(DataError, match=r"1 image file\(s\) missing on disk for the train / val rows \(head\.protocol: fine_tune\).*im030\.png.*dvc repro head"):
+        finetune_images(ft_config(tmp_path), feats)
 
 
 def test_tune_names_the_param_for_pixel_trained_steps():

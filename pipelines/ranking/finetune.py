@@ -72,6 +72,15 @@ class FineTuneModel(nn.Module):
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
+def finetune_images(config: dict, feats: FeatureSet) -> tuple[list[str], list[str]]:
+    """The image files of the train and val rows (``config``: ``manifest_path``, ``root``), checked on disk."""
+    paths = image_paths(config["manifest_path"], feats.image_id, config["root"])
+    rows = {s: np.flatnonzero(feats.split == s) for s in ("train", "val")}
+    check_images([paths[i] for r in rows.values() for i in r], what="the train / val rows (head.protocol: fine_tune)",
+                 fix="restore the files or rebuild the manifest (`dvc repro prepare`), then rerun `dvc repro head`.")
+    return [paths[i] for i in rows["train"]], [paths[i] for i in rows["val"]]
+
+
 def finetune_loop(config: dict) -> None:
     """Fine-tune (``config``: the head loop's, plus ``manifest_path``, ``root``, ``backbone_lr`` and
     ``image``: ``hflip``, ``precision``, ``loader_workers``, ``batch_size``).
@@ -96,11 +105,7 @@ def finetune_loop(config: dict) -> None:
     if h.get("cr_features") == "hidden":  # z's layer feeds nothing: frozen, so DDP waits for no gradient of it
         head.cr.net[3:].requires_grad_(False)
     ft = FineTuneModel(enc.backbone, head, h).to(device)
-    paths = image_paths(config["manifest_path"], feats.image_id, config["root"])
-    rows_of = {s: np.flatnonzero(np.isin(feats.split, s)) for s in ("train", "val")}
-    check_images([paths[i] for s in rows_of.values() for i in s], what="the train / val rows (head.protocol: fine_tune)",
-                 fix="restore the files or rebuild the manifest (`dvc repro prepare`).")
-    train_paths, val_paths = [paths[i] for i in rows_of["train"]], [paths[i] for i in rows_of["val"]]
+    train_paths, val_paths = finetune_images(config, feats)
     groups = [{"params": list(ft.backbone.parameters()), "lr": config["backbone_lr"]},
               {"params": [p for p in ft.head.parameters() if p.requires_grad]}]
     opt = torch.optim.AdamW(groups, lr=config["lr"], weight_decay=h["weight_decay"])
