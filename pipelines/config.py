@@ -45,6 +45,17 @@ class DemoParams:
 
 
 @dataclass(frozen=True)
+class EmbedRayParams:
+    """The Ray Data engine of the embed stage (``embed.engine: ray``)."""
+
+    actors: int = 2  # CLIP image-encoder actors (a fixed pool)
+    batch_size: int = 64  # images per actor call (and per decode task)
+    cpus_per_actor: float = 1.0  # also the actor's torch threads (at least 1)
+    gpus_per_actor: float = 0.0  # 0: CPU actors; e.g. 1 (or 0.5: two actors share one GPU)
+    decode_cpus: float = 1.0  # per decode task (read + PIL decode + resize / crop)
+
+
+@dataclass(frozen=True)
 class EmbedParams:
     model: str = "ViT-B-32"
     pretrained: str = "laion2b_s34b_b79k"
@@ -55,6 +66,10 @@ class EmbedParams:
     num_workers: int = 2
     chunk_rows: int = 512
     precision: str = "auto"
+    # image engine: "local" (this process: decode threads + one model) | "ray" (Ray Data:
+    # decode tasks + an actor pool of encoders, on this machine or the RAY_ADDRESS cluster)
+    engine: str = "local"
+    ray: EmbedRayParams = field(default_factory=EmbedRayParams)
     # "clip": encode with open_clip; "byo": import precomputed item / phrase embedding tables
     source: str = "clip"
     byo_items: str | None = None

@@ -80,12 +80,19 @@ def _quiet_imported() -> None:
 
 
 def quiet_ray_loggers() -> None:
-    """Ray's ``ray`` logger writes to stderr itself; make it propagate to the root's handlers."""
+    """Ray's ``ray`` logger writes to stderr itself; make it propagate to the root's handlers.
+
+    So does Ray Data's ``ray.data`` (set up when ``ray.data`` is imported: call this after
+    that import too); its DEBUG lines are left out of the stage's log.
+    """
     if not logging.getLogger().handlers or verbose():
         return
     from ray._private.log import clear_logger
 
     clear_logger("ray")
+    if "ray.data" in sys.modules:
+        clear_logger("ray.data")
+        logging.getLogger("ray.data").setLevel(logging.INFO)
 
 
 def quiet_ray_worker_output() -> None:

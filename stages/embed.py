@@ -44,21 +44,25 @@ def main() -> None:
             normalise=e.byo_normalise, logit_scale=e.byo_logit_scale, seed=p.seed,
         )
         return
+    if e.engine not in ("local", "ray"):
+        raise DataError(f"params.yaml: embed.engine = {e.engine!r}; use local (one process) or ray (Ray Data actor pool).")
+    if e.engine == "ray":
+        from pipelines.embed.ray_engine import check_ray_params
+
+        check_ray_params(e.ray)  # before the model loads
     # random-init weights (pretrained: none / fallback) are reproducible from the seed
     bundle = load_clip(e.model, e.pretrained, allow_random_fallback=e.allow_random_fallback, seed=p.seed)
     manifest = read_manifest(MANIFEST)
     # the model's identity only: which images are cached is decided row by row
     fingerprint = {"model": bundle.name, "weights": bundle.weights, "init_seed": p.seed}
-    report = embed_images(
-        bundle,
-        list(zip(manifest["image_id"], manifest["path"])),
-        IMAGE_EMB,
-        batch_size=e.batch_size,
-        num_workers=e.num_workers,
-        chunk_rows=e.chunk_rows,
-        precision=e.precision,
-        fingerprint=fingerprint,
-    )
+    items = list(zip(manifest["image_id"], manifest["path"]))
+    common = {"num_workers": e.num_workers, "chunk_rows": e.chunk_rows, "precision": e.precision, "fingerprint": fingerprint}
+    if e.engine == "ray":  # Ray Data: decode tasks + an actor pool of encoders; the same cache
+        from pipelines.embed.ray_engine import embed_images_ray
+
+        report = embed_images_ray(bundle, items, IMAGE_EMB, e.ray, **common)
+    else:
+        report = embed_images(bundle, items, IMAGE_EMB, batch_size=e.batch_size, **common)
     semantic, attribute = read_tags("semantic"), read_tags("attribute")
     tags = semantic + attribute
     kinds = ["semantic"] * len(semantic) + ["attribute"] * len(attribute)

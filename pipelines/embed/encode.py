@@ -121,7 +121,7 @@ class ImageDecoder:
 
     def collate(self, images: Sequence[np.ndarray | torch.Tensor]) -> torch.Tensor:
         if self.pil_stage is None:
-            return torch.stack(list(images))  # type: ignore[arg-type]
+            return torch.stack([torch.as_tensor(i) for i in images])
         x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
         x = x.to(torch.float32).div_(255)
         if self.mean is not None:
@@ -516,6 +516,111 @@ def calibrate(
 # --------------------------------------------------------------------------- image cache
 
 
+class CacheRun:
+    """One run over an image cache, shared by both engines (this module's and ``ray_engine``).
+
+    Opening it validates the items, hashes their files, opens the cache (wiping it on a new
+    fingerprint, dropping bad chunks and stale rows) and lists the ``pending`` items. The
+    engine then calls :meth:`start` once the precision path is known (``meta.json`` is
+    written before any chunk), :meth:`add` for each embedded batch (rows are written in
+    chunks of ``chunk_rows``, each atomically) and :meth:`report` at the end.
+    """
+
+    def __init__(
+        self,
+        bundle: ClipBundle,
+        items: Sequence[tuple[str, str]],
+        out_dir: str | os.PathLike,
+        *,
+        precision: str,
+        fingerprint: dict[str, Any] | None,
+        chunk_rows: int,
+        num_workers: int,
+    ) -> None:
+        self.started = time.perf_counter()
+        if precision not in PRECISIONS:
+            raise DataError(f"precision {precision!r} is not one of {PRECISIONS}; fix embed.precision.")
+        if chunk_rows < 1 or num_workers < 0:
+            raise DataError("embed: batch_size and chunk_rows must be >= 1, num_workers >= 0.")
+        self.items = [(str(image_id), str(path)) for image_id, path in items]
+        _check_items(self.items)
+        self.out_dir, self.chunk_rows, self.precision = out_dir, chunk_rows, precision
+        self.fp = normalise_fingerprint({**bundle.fingerprint(), **(fingerprint or {}), "precision": precision})
+        self.hashes = file_hashes([path for _, path in self.items], num_workers)
+        self.state = open_cache(out_dir, self.fp, wanted={i: self.hashes[p] for i, p in self.items})
+        self.pending = [item for item in self.items if item[0] not in self.state.done]
+        self.meta = self.state.meta
+        # the precision path of a resumed cache, or the requested one (None: auto, not yet chosen)
+        self.used: str | None = precision if precision != "auto" else (self.meta or {}).get("precision_used")
+        self.calibration: dict[str, Any] | None = (self.meta or {}).get("calibration")
+        self.skipped: list[dict[str, str]] = []
+        self.n_now = 0
+        self._path_of = dict(self.pending)
+        self._index = self.state.next_index
+        self._ids: list[str] = []
+        self._emb: list[np.ndarray] = []
+
+    def start(self, used: str, calibration: dict[str, Any] | None) -> None:
+        """The precision path is chosen: record it in ``meta.json`` (a new cache only)."""
+        self.used, self.calibration = used, calibration
+        if self.meta is None:
+            self.meta = {"fingerprint": self.fp, "precision_used": used, "calibration": calibration}
+            write_meta(self.out_dir, self.meta)
+
+    def add(self, ids: Sequence[str], emb: np.ndarray) -> None:
+        """Buffer embedded rows; write every full chunk."""
+        if self.meta is None:
+            raise RuntimeError("CacheRun.start must be called before add")
+        self._ids.extend(ids)
+        self._emb.append(np.asarray(emb, dtype=np.float32))
+        self.n_now += len(ids)
+        while len(self._ids) >= self.chunk_rows:
+            self._flush(self.chunk_rows)
+
+    def _flush(self, n: int) -> None:
+        emb = np.concatenate(self._emb)
+        ids = self._ids[:n]
+        write_chunk(self.out_dir, self._index, ids, emb[:n], [self.hashes[self._path_of[i]] for i in ids])
+        self._index += 1
+        self._ids, self._emb = self._ids[n:], [emb[n:]]
+
+    def report(self, loop_s: float, **extra: Any) -> dict[str, Any]:
+        """Write the last partial chunk (and ``meta.json`` if nothing was embedded); the report.
+
+        ``loop_s``: seconds spent embedding, without one-time set-up (for ``img_per_s``).
+        """
+        if self._ids:
+            self._flush(len(self._ids))
+        if self.meta is None:  # nothing was embedded this run: still mark the directory as a cache
+            write_meta(self.out_dir, {"fingerprint": self.fp, "precision_used": self.used, "calibration": self.calibration})
+        items, skipped = self.items, self.skipped
+        if items and len(skipped) == len(items):
+            raise DataError(
+                f"none of the {len(items)} images could be read (first: {skipped[0]['path']}: "
+                f"{skipped[0]['error']}); check the image paths in the manifest."
+            )
+        if skipped:
+            log.warning("skipped %d unreadable image(s), e.g. %s", len(skipped), skipped[:3])
+        state = self.state
+        return {
+            "n_total": len(items),
+            "n_embedded_now": self.n_now,
+            "n_resumed": len(state.done),
+            "n_changed": state.n_changed,
+            "n_removed": state.n_removed,
+            "bad_chunks": state.bad_chunks,
+            "n_skipped": len(skipped),
+            "skipped": skipped,
+            "img_per_s": self.n_now / loop_s if self.n_now and loop_s > 0 else None,
+            "precision": self.used,
+            "precision_requested": self.precision,
+            "calibration": self.calibration,
+            **extra,
+            "cache_wiped": state.wiped,
+            "seconds": time.perf_counter() - self.started,
+        }
+
+
 def embed_images(
     bundle: ClipBundle,
     items: Sequence[tuple[str, str]],
@@ -546,92 +651,45 @@ def embed_images(
         DataError: bad arguments, duplicate ids, the image directory is missing, or every
             image failed to load.
     """
-    started = time.perf_counter()
-    if precision not in PRECISIONS:
-        raise DataError(f"precision {precision!r} is not one of {PRECISIONS}; fix embed.precision.")
-    if batch_size < 1 or chunk_rows < 1 or num_workers < 0:
+    if batch_size < 1:
         raise DataError("embed: batch_size and chunk_rows must be >= 1, num_workers >= 0.")
-    items = [(str(image_id), str(path)) for image_id, path in items]
-    _check_items(items)
-
-    fp = normalise_fingerprint({**bundle.fingerprint(), **(fingerprint or {}), "precision": precision})
-    hashes = file_hashes([path for _, path in items], num_workers)
-    state = open_cache(out_dir, fp, wanted={image_id: hashes[path] for image_id, path in items})
-    pending = [item for item in items if item[0] not in state.done]
-    meta = state.meta
-    used = precision if precision != "auto" else (meta or {}).get("precision_used")
-    calibration: dict[str, Any] | None = (meta or {}).get("calibration")
-
+    run = CacheRun(
+        bundle, items, out_dir, precision=precision, fingerprint=fingerprint, chunk_rows=chunk_rows,
+        num_workers=num_workers,
+    )
     decoder = ImageDecoder(bundle.preprocess)
     encoder: Encoder | None = None
-    skipped: list[dict[str, str]] = []
-    buf_ids: list[str] = []
-    buf_emb: list[np.ndarray] = []
-    path_of = dict(pending)
-    index, n_now, calib_s, setup_s = state.next_index, 0, 0.0, 0.0
-    bar = tqdm(total=len(pending), unit="img", desc="embed images", disable=not progress)
+    calib_s = setup_s = 0.0
+    bar = tqdm(total=len(run.pending), unit="img", desc="embed images", disable=not progress)
     loop_start = time.perf_counter()
-    for batch in decoded_batches(pending, decoder, batch_size, num_workers):
-        skipped.extend(batch.failed)
+    for batch in decoded_batches(run.pending, decoder, batch_size, num_workers):
+        run.skipped.extend(batch.failed)
         bar.update(len(batch.failed))
         if not batch.ids:
             continue
         x = decoder.collate(batch.images).to(bundle.device)
         if encoder is None:
             t = time.perf_counter()
-            if used is None:
+            if run.used is None:
                 used, calibration, encoder = calibrate(bundle, x[:CALIB_IMAGES])
                 calib_s = time.perf_counter() - t
                 log.info("precision auto -> %s (%s)", used, calibration)
+                run.start(used, calibration)
             else:
-                encoder = BUILDERS[used](bundle)
+                encoder = BUILDERS[run.used](bundle)
+                run.start(run.used, run.calibration)
             setup_s = time.perf_counter() - t
-            if meta is None:
-                meta = {"fingerprint": fp, "precision_used": used, "calibration": calibration}
-                write_meta(out_dir, meta)
         with torch.inference_mode():
-            buf_emb.append(encoder(x).cpu().numpy())
-        buf_ids.extend(batch.ids)
-        n_now += len(batch.ids)
+            run.add(batch.ids, encoder(x).cpu().numpy())
         bar.update(len(batch.ids))
-        while len(buf_ids) >= chunk_rows:
-            emb = np.concatenate(buf_emb)
-            ids = buf_ids[:chunk_rows]
-            write_chunk(out_dir, index, ids, emb[:chunk_rows], [hashes[path_of[i]] for i in ids])
-            index += 1
-            buf_ids, buf_emb = buf_ids[chunk_rows:], [emb[chunk_rows:]]
-    if buf_ids:
-        write_chunk(out_dir, index, buf_ids, np.concatenate(buf_emb), [hashes[path_of[i]] for i in buf_ids])
     loop_s = time.perf_counter() - loop_start - setup_s  # excludes calibration, path set-up
     bar.close()
-    if meta is None:  # nothing was embedded this run: still mark the directory as a cache
-        write_meta(out_dir, {"fingerprint": fp, "precision_used": used, "calibration": calibration})
-
-    if items and len(skipped) == len(items):
-        raise DataError(
-            f"none of the {len(items)} images could be read (first: {skipped[0]['path']}: "
-            f"{skipped[0]['error']}); check the image paths in the manifest."
-        )
-    if skipped:
-        log.warning("skipped %d unreadable image(s), e.g. %s", len(skipped), skipped[:3])
-    return {
-        "n_total": len(items),
-        "n_embedded_now": n_now,
-        "n_resumed": len(state.done),
-        "n_changed": state.n_changed,
-        "n_removed": state.n_removed,
-        "bad_chunks": state.bad_chunks,
-        "n_skipped": len(skipped),
-        "skipped": skipped,
-        "img_per_s": n_now / loop_s if n_now and loop_s > 0 else None,
-        "precision": used,
-        "precision_requested": precision,
-        "calibration": calibration,
-        "calibration_s": calib_s,
-        "setup_s": setup_s,  # calibration + building the chosen path (excluded from img_per_s)
-        "cache_wiped": state.wiped,
-        "seconds": time.perf_counter() - started,
-    }
+    return run.report(
+        loop_s,
+        engine="local",
+        calibration_s=calib_s,
+        setup_s=setup_s,  # calibration + building the chosen path (excluded from img_per_s)
+    )
 
 
 def file_hashes(paths: Sequence[str], num_workers: int) -> dict[str, str | None]:
