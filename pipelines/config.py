@@ -145,6 +145,7 @@ class PretrainParams:
 @dataclass(frozen=True)
 class HeadParams:
     protocol: str = "linear_probe"  # linear_probe | fine_tune (of the CR encoder)
+    backbone_lr: float = 1e-5  # fine_tune with the image E_CR: the backbone's learning rate (the rest uses head.lr)
     cr_features: str = "hidden"  # hidden (the layer below z) | output (z, the contrastive embedding)
     epochs: int = 30
     lr: float = 1e-4  # TMCR sec. 4.1

@@ -155,7 +155,7 @@ def main() -> None:
     precision = (read_meta(IMAGE_EMB) or {}).get("precision_used") or "fp32"  # the path the embeddings were made with
     make_bundle(bundle, head_state=head_state, card=card, tags=tags, kinds=kinds, tag_emb=tag_emb, logit_scale=scale,
                 precision=precision, batch_size=p.embed.batch_size,
-                cr_encoder=bundle_cr_encoder(load_torch(CR_ENCODER)) if cr["cr_encoder"] == "image" else None)
+                cr_encoder=head_state.get("cr_backbone") or (bundle_cr_encoder(load_torch(CR_ENCODER)) if cr["cr_encoder"] == "image" else None))
     model_card = stamp_cr({
         "model": best, "data": p.data.name, "clip": card, "test_metrics": results[best], "val_srcc": val_srcc[best],
         "params": {"head": as_dict(p.head), "selftrain": as_dict(p.selftrain)},

@@ -12,7 +12,7 @@ from pipelines.tracking.runs import stage_run, weights_tags
 from pipelines.io import load_torch
 from pipelines.ranking.backbone import cr_card, cr_tags
 from stages.common import FEATURES, IMAGE_EMB, METRICS, MODELS, PSEUDO, TAG_EMB, cli, params, weights_card
-from stages.cr_features import cr_input_path
+from stages.cr_features import state_cr_input
 
 
 @cli
@@ -20,9 +20,10 @@ def main() -> None:
     p = params()
     s = p.pseudo_search
     card = weights_card()
-    cr_input = load_torch(MODELS / "head.pt")["arch"].get("cr_input")  # read once: E_CR's input and its card
+    head = load_torch(MODELS / "head.pt")  # read once: E_CR's input and its card
+    cr_input = head["arch"].get("cr_input")
     labels = pseudo_labels(
-        FEATURES, cr_input_path(cr_input), MODELS / "head.pt", clip_path=IMAGE_EMB, tags_path=TAG_EMB, seed=p.seed,
+        FEATURES, state_cr_input(head), MODELS / "head.pt", clip_path=IMAGE_EMB, tags_path=TAG_EMB, seed=p.seed,
         val_fraction=s.val_fraction, betas=s.betas, thresholds=s.thresholds, min_selected=s.min_selected,
     )
     write_parquet(PSEUDO, labels.table())

@@ -46,7 +46,7 @@ def _head_step(p: Params, root: Path, cr_path: str | None, desc: str, cr_spec: d
         cr_spec = load_torch(cr_path)["spec"] if cr_path and Path(cr_path).exists() else {}
     c = head_config(p, cr_spec)
     c.update({
-        "features_path": _abs(root, FEATURES), "embeddings_path": _abs(root, IMAGE_EMB),
+        "features_path": _abs(root, FEATURES), "embeddings_path": _abs(root, c["embeddings_path"]),  # CLIP or CR-feature cache
         "clip_path": _abs(root, IMAGE_EMB), "tags_path": _abs(root, TAG_EMB),
         "cr_path": cr_path if p.head.use_cr else None,
         "epochs": p.head.epochs, "lr": p.head.lr, "desc": desc,
@@ -91,12 +91,12 @@ def pseudo_steps(p: Params, trial_dir: Path, *, root: str) -> list[Step]:
     root = Path(root)
     s = p.pseudo_search
     pseudo = str(trial_dir / "pseudo_labels.parquet")
+    st = _head_step(p, root, _abs(root, MODELS / "cr_encoder.pt"), "tune-selftrain")
     label = Step("pseudo_labels", pseudo_label_step, {
-        "features_path": _abs(root, FEATURES), "embeddings_path": _abs(root, IMAGE_EMB),
+        "features_path": _abs(root, FEATURES), "embeddings_path": st.config["embeddings_path"],  # the head's CR input
         "tags_path": _abs(root, TAG_EMB), "head_path": _abs(root, MODELS / "head.pt"), "out_path": pseudo,
         "val_fraction": s.val_fraction, "betas": list(s.betas), "thresholds": list(s.thresholds), "min_selected": s.min_selected,
     }, ray_train=False)
-    st = _head_step(p, root, _abs(root, MODELS / "cr_encoder.pt"), "tune-selftrain")
     st.name = "selftrain"
     st.config.update({
         "epochs": p.selftrain.epochs, "lr": p.selftrain.lr, "unlabeled_weight": p.selftrain.unlabeled_weight,
@@ -134,6 +134,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def check_tunable(p: Params, stage: str, source) -> None:
+    """The searches train E_CR's MLP over the CLIP cache and heads over cached features; the
+    pixel-trained steps are not part of them: a clear error naming the param and the fix."""
+    if stage == "pretrain" and p.pretrain.encoder != "embedding":
+        raise DataError(f"{source}: tune --stage pretrain tunes the embedding E_CR only, but pretrain.encoder = "
+                        f"{p.pretrain.encoder!r}. Search with pretrain.encoder: embedding, or tune the head over the image "
+                        "E_CR's cached features with --stage head (after `dvc repro cr_features`).")
+    if stage in ("head", "pseudo") and p.head.protocol == "fine_tune" and p.head.use_cr and p.pretrain.encoder == "image":
+        raise DataError(f"{source}: tune --stage {stage} trains heads over cached features, but head.protocol = 'fine_tune' "
+                        "with pretrain.encoder = 'image' trains the backbone on pixels. Search with head.protocol: "
+                        "linear_probe, or run the fine-tune as a `dvc exp run` per setting.")
+
+
 @cli
 def main(argv=None) -> None:
     from pipelines.config import load_params
@@ -150,6 +163,7 @@ def main(argv=None) -> None:
         from stages.family import load_family_params
 
         load_family_params(args.params)  # the model choices, checked before any trial starts
+    check_tunable(p, space.stage, args.params)
     raw = read_yaml(args.params, "run from the repository root.")  # YAML 1.2, as DVC reads it
     root = Path.cwd()
     missing = [str(x) for x in NEEDS[space.stage] if not (root / x).exists() and not (x == MODELS / "cr_encoder.pt" and not p.head.use_cr)]
