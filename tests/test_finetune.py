@@ -37,11 +37,11 @@ def clip_world(tmp):
     feats = load_features(tmp / "features.parquet", None)
     paths = image_paths(tmp / "manifest.parquet", feats.image_id, tmp)
     clip = load_clip(TINY_CLIP, "none", seed=CARD["init_seed"])
-    embed_images(clip, list(zip(feats.image_id, paths)), tmp / "clip", batch_size=64, num_workers=0, precision="fp32", progress=False)
-    _, emb = read_image_embeddings(tmp / "clip")
+    embed_images(clip, list(zip(feats.image_id, paths)), tmp / "embeddings" / "images", batch_size=64, num_workers=0, precision="fp32", progress=False)
+    _, emb = read_image_embeddings(tmp / "embeddings" / "images")
     tag_emb = embed_texts(clip, SEM + ATTR)
     kinds = ["semantic"] * len(SEM) + ["attribute"] * len(ATTR)
-    write_text_embeddings(tmp / "tags.parquet", SEM + ATTR, kinds, tag_emb)  # beside the CLIP cache: TM reads both
+    write_text_embeddings(tmp / "embeddings" / "tags.parquet", SEM + ATTR, kinds, tag_emb)  # beside the CLIP cache: TM reads both
     write_features_table(tmp / "features.parquet", image_id=feats.image_id, split=feats.split, score=feats.score, dist=feats.dist,
                          cluster=feats.cluster, emb_dim=clip.embed_dim, tm_scale=100.0, n_semantic=len(SEM), n_attribute=len(ATTR))
     torch.manual_seed(0)
@@ -51,7 +51,7 @@ def clip_world(tmp):
 
 
 def ft_config(tmp, **over) -> dict:
-    return {"features_path": str(tmp / "features.parquet"), "embeddings_path": None, "clip_path": str(tmp / "clip"), "cr_path": str(tmp / "cr.pt"),
+    return {"features_path": str(tmp / "features.parquet"), "embeddings_path": None, "clip_path": str(tmp / "embeddings" / "images"), "cr_path": str(tmp / "cr.pt"),
             "manifest_path": str(tmp / "manifest.parquet"), "root": str(tmp), "head": {**HEAD, "protocol": "fine_tune"},
             "epochs": 2, "lr": 3e-3, "backbone_lr": 1e-3, "seed": 0, "image": dict(IMAGE), **over}
 
@@ -78,9 +78,9 @@ def test_fine_tune_trains_the_backbone_and_the_pyfunc_model_scores_as_the_pipeli
     feats = load_features(tmp_path / "features.parquet", None)
     ids = [str(i) for i in feats.image_id]
     write_cr_features(tuned_encoder(load_torch(tmp_path / "head.pt")["cr_backbone"]), ids, paths, tmp_path / "tuned", batch_size=8)
-    feats = load_features(tmp_path / "features.parquet", tmp_path / "tuned", clip_path=tmp_path / "clip")
+    feats = load_features(tmp_path / "features.parquet", tmp_path / "tuned", clip_path=tmp_path / "embeddings" / "images")
     head = load_head(tmp_path / "head.pt")
-    matcher = load_matcher(tmp_path / "features.parquet", tmp_path / "tags.parquet")
+    matcher = load_matcher(tmp_path / "features.parquet", tmp_path / "embeddings" / "tags.parquet")
     expected = dist_to_score(torch.softmax(torch.from_numpy(predict_logits(head, matcher, feats.clip, feats.emb)), 1).numpy())
 
     # the registered model: a bundle of the head file with its fine-tuned backbone (evaluate's make_bundle)
