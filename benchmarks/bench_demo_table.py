@@ -78,7 +78,6 @@ def main() -> None:
     os.chdir(work)
     os.environ["IAA_RUNS_DIR"] = str(work / "runs")
 
-    import numpy as np
     import torch
 
     from pipelines.config import TrainParams, as_dict, load_params

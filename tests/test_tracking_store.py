@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import MlflowParams
-from pipelines.io import DataError
 
 SCRIPT = """
 import json, sys

@@ -36,7 +36,6 @@ import copy
 import functools
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
