@@ -92,19 +92,13 @@ def check_resources(r: EmbedRayParams, source: str = "params.yaml") -> None:
     A cluster named by ``RAY_ADDRESS`` may be autoscaling, so there the check waits up to
     ``IAA_GPU_WAIT_S`` seconds (default 600) for the resources to join.
     """
-    import ray
+    from pipelines.train.runner import wait_for_resources
 
     need_gpu, need_cpu = r.actors * r.gpus_per_actor, required_cpus(r)
-    wait = float(os.environ.get("IAA_GPU_WAIT_S", "600")) if os.environ.get("RAY_ADDRESS") else 0.0
-    deadline = time.monotonic() + wait
-    while True:
-        res = ray.cluster_resources()
-        gpus, cpus = res.get("GPU", 0.0), res.get("CPU", 0.0)
-        if gpus >= need_gpu and cpus >= need_cpu:
-            return
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(5)
+    res = wait_for_resources({"GPU": need_gpu, "CPU": need_cpu})
+    gpus, cpus = res.get("GPU", 0.0), res.get("CPU", 0.0)
+    if gpus >= need_gpu and cpus >= need_cpu:
+        return
     where = "a Ray cluster with such nodes, named by RAY_ADDRESS"
     if gpus < need_gpu:
         raise DataError(

@@ -67,6 +67,23 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     quiet_ray_worker_output()
 
 
+def wait_for_resources(need: dict[str, float]) -> dict[str, float]:
+    """The Ray cluster's resources once they cover ``need`` (e.g. ``{"GPU": 2}``), else as they
+    are when the wait ends. A cluster named by ``RAY_ADDRESS`` may be autoscaling, so there the
+    wait lasts up to ``IAA_GPU_WAIT_S`` seconds (default 600); a local one is checked once."""
+    import time
+
+    import ray
+
+    wait = float(os.environ.get("IAA_GPU_WAIT_S", "600")) if os.environ.get("RAY_ADDRESS") else 0.0
+    deadline = time.monotonic() + wait
+    while True:
+        have = ray.cluster_resources()
+        if all(have.get(k, 0.0) >= v for k, v in need.items()) or time.monotonic() >= deadline:
+            return have
+        time.sleep(5)
+
+
 def check_gpu(params: TrainParams, key: str, source: str = "params.yaml") -> None:
     """Fail in seconds, not hang, when ``<key>.use_gpu`` asks for GPUs that are not there.
 
@@ -84,20 +101,11 @@ def check_gpu(params: TrainParams, key: str, source: str = "params.yaml") -> Non
             raise DataError(f"{source}: {key}.use_gpu is true with {key}.num_workers: 0 (local mode), "
                             f"but this machine has no CUDA GPU. {fix}")
         return
-    import time
-
-    import ray
-
     need = params.num_workers
-    deadline = time.monotonic() + (float(os.environ.get("IAA_GPU_WAIT_S", "600")) if os.environ.get("RAY_ADDRESS") else 0.0)
-    while True:
-        have = ray.cluster_resources().get("GPU", 0.0)
-        if have >= need:
-            return
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(5)
-    cpus = ray.cluster_resources().get("CPU", 0.0)
+    res = wait_for_resources({"GPU": need})
+    have, cpus = res.get("GPU", 0.0), res.get("CPU", 0.0)
+    if have >= need:
+        return
     raise DataError(f"{source}: {key}.use_gpu is true and {key}.num_workers = {need} asks for {need} GPU(s), "
                     f"but the Ray cluster has {have:g} GPU(s) (and {cpus:g} CPUs). {fix}")
 
