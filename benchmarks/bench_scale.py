@@ -58,6 +58,17 @@ TARGET_TOTAL_S, TARGET_RSS_GB = 60.0, 4.0
 
 
 HEAD_PARAMS = {"use_cr": False, "epochs": 1, "keep_best": False}  # TM only: no pretrain needed; one epoch
+PRETRAIN_PARAMS = {"encoder": "embedding", "epochs": 1}  # --train: one epoch of the embedding E_CR
+
+
+def epoch_metrics(ws: Path, stage: str, keys: tuple[str, ...]) -> dict:
+    """The last epoch's ``keys`` that the stage's loop logged to the workspace's MLflow store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{ws / 'mlruns' / 'mlflow.db'}")
+    ids = [e.experiment_id for e in client.search_experiments()]
+    run = client.search_runs(ids, f"tags.stage = '{stage}'", order_by=["start_time DESC"], max_results=1)[0]
+    return {k: round(run.data.metrics[k], 3) for k in keys if k in run.data.metrics}
 
 
 # runs a stage as `python -m stages.<name>` does, then writes its own peak RSS (VmHWM: this process
@@ -151,6 +162,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=None, help="first N AVA rows (default: all 255,502)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scale.json")
     ap.add_argument("--head", action="store_true", help="also run the head stage (1 epoch, TM only, local mode)")
+    ap.add_argument("--train", action="store_true",
+                    help="also run pretrain (1 epoch, embedding E_CR) and head, local mode; their epoch time and rows/s")
     ap.add_argument("--before", type=Path, default=None,
                     help="a checkout of the code before a change: features / index / head run with it too")
     args = ap.parse_args()
@@ -158,7 +171,8 @@ def main() -> None:
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     base = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     load = [os.getloadavg()[0]]
-    after = STAGES + (("head",) if args.head else ())
+    args.head = args.head or args.train
+    after = STAGES + (("pretrain",) if args.train else ()) + (("head",) if args.head else ())
     before: dict[str, dict] = {}
     try:
         ws, n_rows = workspace(base, args.rows)
@@ -166,6 +180,8 @@ def main() -> None:
             params = yaml.safe_load((ws / "params.yaml").read_text())
             params["head"].update(HEAD_PARAMS)
             params["head"]["ray"]["num_workers"] = 0
+            params["pretrain"].update(PRETRAIN_PARAMS)
+            params["pretrain"]["ray"]["num_workers"] = 0
             (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         stages: dict[str, dict] = {}
         for name in after:
@@ -175,6 +191,8 @@ def main() -> None:
             if name == "features" and args.before:  # the same inputs for the code before
                 shutil.copytree(ws, base / "ws_before", symlinks=True)
             stages[name] = run_stage(name, ws, env)
+            if name in ("pretrain", "head"):  # the loop's own epoch time and throughput
+                stages[name]["epoch"] = epoch_metrics(ws, name, ("epoch_s", "rows_per_s", "images_per_s", "batches"))
             load.append(os.getloadavg()[0])
             print(name, stages[name], flush=True)
         manifest = json.loads((ws / "data" / "manifest_report.json").read_text())

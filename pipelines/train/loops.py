@@ -180,7 +180,7 @@ def pretrain_loop(config: dict) -> None:
             scaler.step(opt)
             scaler.update()
         seconds = time.perf_counter() - t0
-        metrics = {"epoch": epoch, "loss": total / max(n, 1), "batches": n, "steps": n_steps,
+        metrics = {"epoch": epoch, "loss": total / max(n, 1), "batches": n, "steps": n_steps, "epoch_s": seconds,
                    "images_per_s": sum(len(b) for b, _ in specs) * world / max(seconds, 1e-9)}
         state = None
         if rank == 0:
@@ -367,6 +367,7 @@ def supervised_loop(config: dict) -> None:
         mine = local[perm]
         mine = mine[mine >= 0]  # this worker's shard, in this epoch's order
         totals = {"loss": 0.0, "emd": 0.0, "flsa": 0.0, "unlabeled": 0.0}
+        t0 = time.perf_counter()
         for b in range(n_batches):
             rows = mine[b * bs : (b + 1) * bs]
             if len(rows) < 2:
@@ -397,7 +398,9 @@ def supervised_loop(config: dict) -> None:
             for k, v in (("loss", loss), ("emd", l_emd), ("flsa", l_flsa), ("unlabeled", l_u)):
                 totals[k] += v.item() / n_batches
         sched.step()
-        metrics = {"epoch": epoch, **totals, "lr": sched.get_last_lr()[0]}
+        seconds = time.perf_counter() - t0  # the training steps of this epoch, validation aside
+        metrics = {"epoch": epoch, **totals, "lr": sched.get_last_lr()[0], "epoch_s": seconds,
+                   "rows_per_s": len(mine) * world / max(seconds, 1e-9)}
         state = None
         if rank == 0:
             metrics.update(_val_metrics(model, matcher, val))
