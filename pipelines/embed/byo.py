@@ -101,13 +101,23 @@ def _read(path: str | Path, id_columns: Sequence[str], what: str) -> tuple[list[
     return ids, emb, id_col
 
 
+CHECK_ROWS = 16384  # rows per float64 block in check_embeddings
+
+
 def check_embeddings(emb: np.ndarray, ids: Sequence[str], where: str, *, normalise: bool = False,
                      norm_tol: float = NORM_TOL) -> tuple[np.ndarray, int]:
-    """Finite, non-zero and L2-normalised (or re-normalised when ``normalise``): (embeddings, n changed)."""
-    bad = ~np.isfinite(emb).all(1)
+    """Finite, non-zero and L2-normalised (or re-normalised when ``normalise``): (embeddings, n changed).
+
+    Row blocks of float64 (norms, re-normalisation), so a 255k x 768 table needs no N x D
+    float64 copy; without ``normalise`` a float32 ``emb`` is returned as it is (no copy).
+    """
+    blocks = range(0, len(emb), CHECK_ROWS)
+    norms = np.empty(len(emb), dtype=np.float64)
+    for s in blocks:
+        norms[s : s + CHECK_ROWS] = np.linalg.norm(emb[s : s + CHECK_ROWS].astype(np.float64), axis=1)
+    bad = ~np.isfinite(norms)  # a NaN or inf anywhere in the row (float32 squares cannot overflow float64)
     if bad.any():
         raise DataError(f"{where}: {int(bad.sum())} embedding(s) hold NaN or inf (first: {ids[int(np.flatnonzero(bad)[0])]!r}).")
-    norms = np.linalg.norm(emb.astype(np.float64), axis=1)
     zero = norms < 1e-12
     if zero.any():
         raise DataError(f"{where}: {int(zero.sum())} all-zero embedding(s) (first: {ids[int(np.flatnonzero(zero)[0])]!r}); "
@@ -120,7 +130,11 @@ def check_embeddings(emb: np.ndarray, ids: Sequence[str], where: str, *, normali
             f"{norms[k]:.4f}; tolerance {norm_tol}); tag matching needs unit vectors: normalise them, or set the "
             "BYO normalise option to re-normalise on import."
         )
-    out = (emb / norms[:, None]).astype(np.float32) if normalise else emb.astype(np.float32)
+    if not normalise:
+        return emb.astype(np.float32, copy=False), int(off.sum())
+    out = np.empty(emb.shape, dtype=np.float32)
+    for s in blocks:
+        out[s : s + CHECK_ROWS] = emb[s : s + CHECK_ROWS] / norms[s : s + CHECK_ROWS, None]
     return out, int(off.sum())
 
 
