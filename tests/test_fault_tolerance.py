@@ -122,7 +122,7 @@ def test_fingerprint_ignores_the_mlflow_run_but_not_the_config(tmp_path):
 def test_run_killed_after_its_last_epoch_finishes_from_its_state(tmp_path, monkeypatch):
     """Killed after the last epoch's checkpoint but before the stage wrote its outputs: the rerun
     trains nothing, returns that state, logs its last metrics into the new MLflow run, closes the
-    killed attempt's MLflow run and removes the resume folder."""
+    killed attempt's MLflow run and removes the checkpoint (the MLflow run id stays)."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -150,7 +150,11 @@ def test_run_killed_after_its_last_epoch_finishes_from_its_state(tmp_path, monke
     assert state["epoch"] == 2 and torch.equal(state["model"]["w"], torch.ones(2))
     assert client.get_run(new).data.metrics == {"epoch": 2.0, "loss": 0.25}
     assert client.get_run(killed).info.status == "KILLED" and client.get_run(killed).data.tags["resumed_by"] == new
-    assert not run_dir.exists()
+    assert not (run_dir / "checkpoint").exists() and (run_dir / RUN_ID_FILE).read_text() == new
+    # killed after its checkpoint was removed, before the stage ended its MLflow run: the next attempt closes it
+    third = client.create_run(exp).info.run_id
+    close_killed_run(run_dir, {**config, "run_id": third, "tracking_uri": uri})
+    assert client.get_run(new).info.status == "KILLED" and client.get_run(new).data.tags["resumed_by"] == third
     mlflow.set_tracking_uri("")
 
 

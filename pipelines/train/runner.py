@@ -277,11 +277,13 @@ def finished_run(resume: Path, config: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def remove_run(run_name: str) -> None:
-    """Delete a finished run's resume folder and Ray's storage of it. Ray Train restores a run
+    """Delete a finished run's checkpoint and Ray's storage of it. Ray Train restores a run
     from its storage by name, so a kept one would make the next run of the same config and
-    inputs (``dvc repro -f``) start from the final checkpoint and train nothing."""
+    inputs (``dvc repro -f``) start from the final checkpoint and train nothing. The run's
+    MLflow run id (``RUN_ID_FILE``) stays: a stage killed after this point, before it ends its
+    MLflow run, leaves that run RUNNING, and the next attempt closes it (``close_killed_run``)."""
     shutil.rmtree(runs_dir() / "ray" / run_name, ignore_errors=True)
-    shutil.rmtree(runs_dir() / run_name, ignore_errors=True)
+    shutil.rmtree(runs_dir() / run_name / "checkpoint", ignore_errors=True)
 
 
 # ---- bit-exact resume: the random state travels with the checkpoint ----------------------
