@@ -41,8 +41,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
@@ -50,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from pipelines.embed.cache import embedding_table  # noqa: E402
 from pipelines.io import write_json  # noqa: E402
 from bench_kmeans import N_ATTRIBUTE, N_SEMANTIC, SHARED, synthetic_embeddings  # noqa: E402
 
@@ -102,11 +101,6 @@ def run_stage(name: str, cwd: Path, env: dict) -> dict:
             "peak_rss_gb": round(int(hwm.read_text()) / 2**20, 3)}  # kB
 
 
-def unit_table(ids, column: str, emb: np.ndarray) -> pa.Table:
-    values = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(emb).reshape(-1)), emb.shape[1])
-    return pa.table({column: pa.array(list(ids), pa.string()), "embedding": values})
-
-
 def workspace(base: Path, rows: int | None) -> tuple[Path, int]:
     ws = base / "ws"
     (ws / "data" / "byo").mkdir(parents=True)
@@ -152,9 +146,9 @@ def byo_tables(ws: Path, seed: int = 0) -> None:
     sem = [t for t in (ws / "data/tags/semantic.txt").read_text().split("\n") if t]
     attr = [t for t in (ws / "data/tags/attribute.txt").read_text().split("\n") if t]
     emb, tags = synthetic_embeddings(len(ids), 768, seed=seed, n_semantic=len(sem), n_attribute=len(attr))
-    pq.write_table(unit_table(ids, "image_id", emb), ws / "data/byo/items.parquet")
+    pq.write_table(embedding_table(ids, emb), ws / "data/byo/items.parquet")
     del emb
-    pq.write_table(unit_table(sem + attr, "phrase", tags), ws / "data/byo/texts.parquet")
+    pq.write_table(embedding_table(sem + attr, tags, id_column="phrase"), ws / "data/byo/texts.parquet")
 
 
 def main() -> None:
