@@ -84,7 +84,8 @@ def main() -> None:
     from pipelines.metrics import evaluate
     from pipelines.ranking.cr_features import encoder_from_state, image_paths, write_cr_features
     from pipelines.train.data import load_features, load_matcher
-    from pipelines.train.loops import predict_logits, pretrain_loop, supervised_loop
+    from pipelines.heads.build import predict_logits
+    from pipelines.train.loops import pretrain_loop, supervised_loop
     from pipelines.train.runner import run_training
     from stages.common import FEATURES, IMAGE_EMB, TAG_EMB
     from stages.pretrain import pretrain_config
@@ -130,7 +131,7 @@ def main() -> None:
                       "cr_path": str(cr_path) if enc else None, "head": h, "epochs": p.head.epochs, "lr": p.head.lr, "seed": seed}
             t = time.perf_counter()
             state = run_training(supervised_loop, config, local, stage=f"table-head-{seed}", inputs=[str(cr_path)])
-            from pipelines.train.loops import head_from_arch
+            from pipelines.heads.build import head_from_arch
 
             model = head_from_arch(state["arch"])
             model.load_state_dict(state["model"])

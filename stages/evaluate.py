@@ -15,7 +15,7 @@ from pipelines.tracking.scoring import log_scoring_model, make_bundle, requireme
 from pipelines.embed.cache import read_meta
 from pipelines.embed.encode import read_text_embeddings
 from pipelines.train.data import load_features, load_matcher
-from pipelines.train.loops import load_head, predict_logits
+from pipelines.heads.build import load_head, predict_logits
 from pipelines.ranking.backbone import cr_card, cr_tags, stamp_cr
 from pipelines.ranking.cr_features import bundle_cr_encoder
 from stages.common import FEATURES, IMAGE_EMB, MODELS, PLOTS, TAG_EMB, cli, params, random_warning, stamp, weights_card, write_metrics

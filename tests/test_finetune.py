@@ -19,7 +19,7 @@ from pipelines.ranking.backbone import ImageCREncoder
 from pipelines.ranking.cr_features import bundle_cr_encoder, image_paths, write_cr_features
 from pipelines.ranking.finetune import finetune_loop, tuned_encoder, tuned_fingerprint
 from pipelines.train.data import load_features, load_matcher, write_features_table
-from pipelines.train.loops import load_head, predict_logits
+from pipelines.heads.build import load_head, predict_logits
 from pipelines.train.runner import run_training
 from tests.test_image_ecr import BACKBONE, HEAD, LOCAL, make_image_data
 from tests.test_registry import ATTR, CARD, SEM, TINY_CLIP

@@ -36,7 +36,7 @@ def build_bundle(path: Path) -> None:
     """A scoring bundle: tiny CLIP (embed dim 64) tag embeddings + an untrained head."""
     from pipelines.embed.clip import load_clip
     from pipelines.embed.encode import embed_texts
-    from pipelines.train.loops import head_from_arch
+    from pipelines.heads.build import head_from_arch
 
     torch.manual_seed(CARD["init_seed"])
     clip = load_clip(TINY_CLIP, "none")
@@ -216,7 +216,7 @@ def test_registered_model_scores_with_the_pipeline_numerics(tmp_path):
     from pipelines.metrics import dist_to_score
     from pipelines.semantics import TagMatcher
     from pipelines.tracking.scoring import ScoringModel
-    from pipelines.train.loops import head_from_arch, predict_logits
+    from pipelines.heads.build import head_from_arch, predict_logits
 
     rng = np.random.default_rng(3)
     paths = []

@@ -14,7 +14,8 @@ from pipelines.io import DataError, write_parquet
 from pipelines.metrics import dist_to_score, srcc
 from pipelines.ranking.index import build_index
 from pipelines.train.data import embedding_files, load_features, load_matcher
-from pipelines.train.loops import head_from_arch, predict_logits, pretrain_loop, supervised_loop
+from pipelines.heads.build import head_from_arch, predict_logits
+from pipelines.train.loops import pretrain_loop, supervised_loop
 from pipelines.train.runner import fingerprint, run_training
 from tests.synthetic import make_features, write_embedding_cache
 
@@ -156,7 +157,7 @@ def test_head_on_hidden_cr_features_with_re_emd(workdir):
 def test_head_loss_choice():
     from pipelines.heads.losses import emd_loss
     from pipelines.models.losses import re_emd_loss
-    from pipelines.train.loops import head_loss
+    from pipelines.heads.build import head_loss
 
     g = torch.Generator().manual_seed(0)
     p, t = torch.rand(4, 10, generator=g).softmax(1), torch.rand(4, 10, generator=g).softmax(1)

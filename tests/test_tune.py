@@ -134,7 +134,7 @@ def test_pretrain_and_pseudo_trials_chain_their_steps(tmp_path):
     import pandas as pd
     import torch
 
-    from pipelines.train.loops import head_from_arch
+    from pipelines.heads.build import head_from_arch
     from stages.tune import pretrain_steps, pseudo_label_step, pseudo_steps
 
     make_features(tmp_path / "data" / "features" / "features.parquet", embeddings=tmp_path / "data" / "embeddings" / "images")

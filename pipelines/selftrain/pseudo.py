@@ -26,7 +26,7 @@ from pipelines.io import DataError
 from pipelines.metrics import dist_to_score
 from pipelines.selftrain.apds import apds_sharpen, grid_search, select_pseudo_labels
 from pipelines.train.data import FeatureSet, load_features, load_matcher
-from pipelines.train.loops import load_head, predict_logits
+from pipelines.heads.build import load_head, predict_logits
 
 PARAMS_SOURCE = "params.yaml pseudo_search"
 
@@ -114,7 +114,7 @@ def pseudo_labels(
     'unlabeled' rows. ``embeddings_path``: E_CR's input cache; ``clip_path`` / ``tags_path``: the
     CLIP cache and tag table TM is computed from (defaults as ``loops.input_paths``).
     """
-    from pipelines.train.loops import input_paths
+    from pipelines.heads.build import input_paths
 
     emb, clip, tags = input_paths({"embeddings_path": embeddings_path, "clip_path": clip_path, "tags_path": tags_path})
     mean_score = float(np.mean(load_features(features_path, None, splits=("train",)).score))

@@ -285,7 +285,7 @@ class TMCRScorer(Scorer):
         from pipelines.embed.clip import load_clip
         from pipelines.embed.encode import BUILDERS, ImageDecoder
         from pipelines.io import load_torch
-        from pipelines.train.loops import head_from_arch
+        from pipelines.heads.build import head_from_arch
 
         super().__init__(limits)
         b = load_torch(artifacts["bundle"])
@@ -330,7 +330,7 @@ class TMCRScorer(Scorer):
 
     @torch.inference_mode()
     def score_batch(self, items: list[Any], params: dict[str, Any]) -> list[dict[str, Any]]:
-        from pipelines.train.loops import predict_logits
+        from pipelines.heads.build import predict_logits
 
         views = None
         if self.cr_backbone is not None:
