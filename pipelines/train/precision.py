@@ -91,7 +91,7 @@ def enable_tf32(device: torch.device) -> None:
 class Speed:
     """The speed options a loop honours (validated by ``check_speed``)."""
 
-    channels_last: bool = False
+    channels_last: bool = True  # CUDA only (NHWC convolutions); CPU runs keep their layout and numerics
     fused_optimizer: bool = True  # fused AdamW on CUDA; ignored on CPU (no fused CPU kernel pays)
     compile: bool = False
     pin_memory: bool = True  # CUDA only
@@ -132,9 +132,9 @@ def optimizer(groups, *, lr: float, weight_decay: float, device: torch.device, s
 
 
 def prepare_module(model: torch.nn.Module, device: torch.device, speed: Speed) -> torch.nn.Module:
-    """``model`` on ``device`` in the memory format ``speed`` asks for (channels_last for conv nets)."""
+    """``model`` on ``device``, channels_last on CUDA when ``speed`` asks for it."""
     model = model.to(device)
-    if speed.channels_last:
+    if speed.channels_last and torch.device(device).type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     return model
 
