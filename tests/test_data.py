@@ -17,7 +17,8 @@ from PIL import Image
 from pipelines.data import demo
 from pipelines.data.adapters import ADAPTERS, Labels, register_adapter
 from pipelines.data.demo import generate_demo
-from pipelines.data.manifest import SPLITS, build_manifest, read_manifest, vote_distribution, write_manifest
+from pipelines.data.adapters import build_manifest
+from pipelines.data.manifest import SPLITS, read_manifest, vote_distribution, write_manifest
 from pipelines.io import DataError
 
 TINY = dict(n_images=40, image_size=64, seed=0, progress=False)

@@ -45,13 +45,18 @@ def first_step_gradients(state: dict, names: list[str], beta1: float = 0.9) -> d
 
 
 def assert_same_step(one: dict, two: dict, names: list[str], lr: float, model_key=lambda k: k) -> int:
-    """Parity of one AdamW step (see the module docstring); returns how many tensors moved."""
+    """Parity of one AdamW step (see the module docstring); returns how many tensors moved.
+
+    A gradient that is zero in exact arithmetic (e.g. a BatchNorm bias feeding another
+    BatchNorm) is float noise in both runs: the tolerance has a floor relative to the largest
+    gradient of the model, the scale of float32's rounding in its sums."""
     g1, g2 = first_step_gradients(one, names), first_step_gradients(two, names)
     assert g1.keys() == g2.keys() and g1
+    floor = 1e-5 * max(g.norm().item() for g in g1.values())
     moved = 0
     for k, g in g1.items():
         scale = g.norm().item()
-        assert (g2[k] - g).norm().item() <= 1e-4 * scale + 1e-9, (k, (g2[k] - g).norm().item(), scale)
+        assert (g2[k] - g).norm().item() <= 1e-4 * scale + floor, (k, (g2[k] - g).norm().item(), scale, floor)
         p1, p2 = one["model"][model_key(k)].double(), two["model"][model_key(k)].double()
         diff = (p2 - p1).abs()
         assert diff.max().item() <= 2 * lr * (1 + 1e-3), k  # the step size bounds any disagreement
@@ -63,7 +68,7 @@ def assert_same_step(one: dict, two: dict, names: list[str], lr: float, model_ke
 
 
 def test_head_two_workers_take_the_same_step_as_one(tmp_path, monkeypatch, ray_two_cpus):
-    """The head (TM + CR MLP, linear probe) on one full batch: 2 shards of 60 rows vs all 120."""
+    """The head (TM + CR MLP, linear probe) on one full batch: 2 shards of 54 rows vs all 108."""
     from pipelines.heads.train import supervised_loop
     from pipelines.ranking.encoder import CREncoder
     from pipelines.train.data import load_features
@@ -71,7 +76,7 @@ def test_head_two_workers_take_the_same_step_as_one(tmp_path, monkeypatch, ray_t
     from tests.test_train import HEAD
 
     monkeypatch.setenv("IAA_RUNS_DIR", str(tmp_path / "runs"))
-    make_features(tmp_path / "features.parquet", n=200)
+    make_features(tmp_path / "features.parquet", n=190)
     n_train = len(load_features(tmp_path / "features.parquet", None).split_of("train"))
     assert n_train % 2 == 0  # equal shards: the mean of the two shard means is the batch mean
     torch.manual_seed(0)
@@ -117,10 +122,12 @@ def test_fine_tune_two_workers_take_the_same_step_as_one(tmp_path, monkeypatch, 
     monkeypatch.setenv("IAA_RUNS_DIR", str(tmp_path / "runs"))
     make_image_data(tmp_path)
     torch.manual_seed(0)
-    enc = ImageCREncoder("test_efficientnet_gn", 16, 8, 0.0, image_size=24, resize=32)
+    enc = ImageCREncoder("test_efficientnet_gn", 16, 8, 0.0, image_size=32, resize=32)
     torch.save({"spec": enc.spec(), "model": enc.state_dict()}, tmp_path / "cr.pt")
     head = {**HEAD, "protocol": "fine_tune", "tfa": False, "flsa": False, "dropout": 0.0, "keep_best": False, "batch_size": 30}
+    # views without random crop or flip: the parity of the step, not of the augmentation draws
     config = ft_config(tmp_path, head=head, epochs=1, lr=1e-3, backbone_lr=1e-3)
+    config["image"]["hflip"] = False
     one = run_training(finetune_loop, config, LOCAL, stage="ft-1", inputs=[str(tmp_path / "cr.pt")])
     two = run_training(finetune_loop, config, TWO, stage="ft-2", inputs=[str(tmp_path / "cr.pt")])
     from pipelines.heads.build import head_from_arch
@@ -169,7 +176,8 @@ def test_family_replicas_stay_identical_under_ddp(tmp_path, monkeypatch, ray_two
     from pipelines.config import AesafParams, AmpParams, ModelParams
     from stages.family import family_config
     from pipelines.data.demo import generate_demo
-    from pipelines.data.manifest import build_manifest, write_manifest
+    from pipelines.data.adapters import build_manifest
+    from pipelines.data.manifest import write_manifest
 
     monkeypatch.setenv("IAA_RUNS_DIR", str(tmp_path / "runs"))
     generate_demo(tmp_path / "demo", n_images=24, image_size=48, progress=False)
