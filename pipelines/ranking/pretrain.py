@@ -29,7 +29,7 @@ from pipelines.ranking.loss import traversal_contrastive_loss
 from pipelines.train.core import Context, FitOptions, fit
 from pipelines.train.data import embedding_dim, load_features, read_embedding_rows
 from pipelines.train.precision import (
-    FP32, Speed, check_speed, enable_tf32, maybe_compile, optimizer, prepare_module, resolve_precision, to_device,
+    FP32, Speed, check_speed, enable_tf32, maybe_compile, optimizer, prepare_module, resolve_precision, speed_of, to_device,
 )
 
 ENCODERS = ("embedding", "image")
@@ -41,12 +41,6 @@ def steps_of(batches_per_step: int | str, world: int) -> int:
     if n < 1 or n % world:
         raise ValueError(f"pretrain.batches_per_step = {batches_per_step!r}: need a multiple of the {world} worker(s), or auto")
     return n
-
-
-def image_speed(img: dict) -> Speed:
-    """The speed options of an image loop's config block (``pretrain.image`` / ``model``)."""
-    return Speed(channels_last=img.get("channels_last", True), fused_optimizer=img.get("fused_optimizer", True),
-                 compile=img.get("compile", False))
 
 
 def _rows_tensor(emb: torch.Tensor, local: np.ndarray, spec) -> torch.Tensor:
@@ -99,7 +93,7 @@ class Pretrain:
         self.local = self.per_step // ctx.world
         if self.image:
             img = config["image"]
-            self.speed = image_speed(img)
+            self.speed = speed_of(img)
             check_speed(self.speed, device, key="pretrain.image")
             paths = pretrain_images(config, self.train)
             enc = ImageCREncoder(img["backbone"], config["hidden"], config["dim"], config["dropout"], image_size=img["image_size"],

@@ -97,6 +97,12 @@ class Speed:
     pin_memory: bool = True  # CUDA only
 
 
+def speed_of(block: dict) -> Speed:
+    """The speed options of a params block (``pretrain.image``, ``model``) as a loop's config holds it."""
+    return Speed(channels_last=block.get("channels_last", True), fused_optimizer=block.get("fused_optimizer", True),
+                 compile=block.get("compile", False))
+
+
 def check_speed(speed: Speed, device: torch.device | str, *, key: str) -> None:
     """Refuse, before training starts, an option that ``device`` cannot honour (``key``: the params block)."""
     device = torch.device(device)
