@@ -3,7 +3,9 @@
 The numeric path (``precision``) is a pure function of the device and the params, never of
 a stopwatch, so the same params on the same kind of device give the same embeddings:
 
-* ``fp32``: the model's own ``encode_image`` (the reference). On CUDA its matmuls use TF32.
+* ``fp32``: ``FastVisionTower`` (below) in fp32, the same maths as the model's own
+  ``encode_image`` (checked against it when built; ``encode_image`` itself for towers it does
+  not cover). On CUDA its matmuls use TF32.
 * ``bf16``: ``FastVisionTower`` (below) in bf16 with LayerNorm kept in fp32. Runs on CUDA
   GPUs with bf16 (compute capability >= 8.0) and on CPUs with native bf16 matmul
   (AVX512-BF16 / AMX); without them it is refused (emulated bf16 is ~40-100x slower).
@@ -375,7 +377,7 @@ class FastVisionTower(torch.nn.Module):
         size = visual.image_size if isinstance(visual.image_size, tuple) else (visual.image_size,) * 2
         x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
         x = x.to(next(visual.parameters()).device)
-        with torch.inference_mode():
+        with torch.inference_mode(), _tf32(False):  # the check in true fp32 (cuDNN convs default to TF32)
             cos = F.cosine_similarity(fast(x), visual(x), dim=-1).min()
         if cos < 0.99999:
             log.warning("fast image tower differs from open_clip's (cosine %.6f); not used", cos)
@@ -452,10 +454,10 @@ def on_gpu(bundle: ClipBundle) -> bool:
 
 
 @contextmanager
-def _tf32() -> Iterator[None]:
-    """TF32 matmuls and convolutions for the fp32 path on CUDA (restored after)."""
+def _tf32(on: bool = True) -> Iterator[None]:
+    """TF32 matmuls and convolutions on CUDA (the fp32 path) or, ``on=False``, none (restored after)."""
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
     try:
         yield
     finally:
@@ -483,15 +485,28 @@ def micro_batched(bundle: ClipBundle, forward: Callable[[torch.Tensor], torch.Te
 
 
 def build_fp32(bundle: ClipBundle) -> Encoder:
-    """The reference: the model's own ``encode_image`` (TF32 matmuls on CUDA)."""
+    """fp32: ``FastVisionTower`` in fp32 where it applies (the same maths as ``encode_image``,
+    checked against it to cosine >= 0.99999 when built; ~1.4x its speed on a CPU), else the
+    model's own ``encode_image``. TF32 matmuls on CUDA."""
+    tower = _fast_tower_or_none(bundle)
+    forward: Callable[[torch.Tensor], torch.Tensor] = tower if tower is not None else bundle.model.encode_image
     if torch.device(bundle.device).type == "cuda":
+        plain = forward
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             with _tf32():
-                return bundle.model.encode_image(x)
+                return plain(x)
 
-        return micro_batched(bundle, forward)
-    return micro_batched(bundle, bundle.model.encode_image)
+    return micro_batched(bundle, forward)
+
+
+def _fast_tower_or_none(bundle: ClipBundle) -> torch.nn.Module | None:
+    """A FastVisionTower copy of a CLIP-style model's image tower, or None (other models, other towers)."""
+    import open_clip
+
+    if not isinstance(bundle.model, (open_clip.CLIP, open_clip.CustomTextCLIP)):
+        return None
+    return FastVisionTower.build(bundle.model.visual)
 
 
 def build_int8(bundle: ClipBundle) -> Encoder:
