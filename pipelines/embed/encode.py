@@ -32,9 +32,9 @@ Where the speed comes from (``benchmarks/bench_embed.py``):
    batch); on a GPU the whole batch at once, copied from pinned memory without blocking.
 3. ``FastVisionTower``: the same ViT maths with every matmul a Linear (patch embedding as a
    Linear, SDPA attention behind a fused qkv Linear, the last block run for the class token
-   only), for the bf16 and int8 paths.
+   only), for the fp32, bf16 and int8 paths.
 
-Rejected after measuring on CPU: bf16 autocast (slower than pure bf16), torch.compile with
+Rejected after measuring on an AVX2 CPU: bf16 autocast (slower than fp32), torch.compile with
 inductor freezing (30 s compile for +2% in fp32), fbgemm int8 packing (~15% slower than
 oneDNN), low-priority decode threads (no gain).
 """
@@ -486,7 +486,7 @@ def micro_batched(bundle: ClipBundle, forward: Callable[[torch.Tensor], torch.Te
 
 def build_fp32(bundle: ClipBundle) -> Encoder:
     """fp32: ``FastVisionTower`` in fp32 where it applies (the same maths as ``encode_image``,
-    checked against it to cosine >= 0.99999 when built; ~1.4x its speed on a CPU), else the
+    checked against it to cosine >= 0.99999 when built), else the
     model's own ``encode_image``. TF32 matmuls on CUDA."""
     tower = _fast_tower_or_none(bundle)
     forward: Callable[[torch.Tensor], torch.Tensor] = tower if tower is not None else bundle.model.encode_image
