@@ -62,10 +62,14 @@ class EmbedParams:
     # Demo only: use random weights when the hub cannot be reached. Real-data params
     # must leave this off so that nobody trains on random features by accident.
     allow_random_fallback: bool = False
-    batch_size: int = 64
-    num_workers: int = 2
+    batch_size: int = 64  # images per forward pass (a GPU wants 256 or more)
+    num_workers: int | str = 2  # decode threads; auto: 2 on the CPU, every core but one (<= 16) with a GPU
     chunk_rows: int = 512
+    # auto (bf16 where the device runs it natively, else fp32) | fp32 | bf16 | int8 (CPU only);
+    # a pure function of the device, recorded in the cache, report.json and card.json
     precision: str = "auto"
+    device: str = "cpu"  # where the CLIP model runs: cpu | cuda | cuda:N | auto (cuda when there is one)
+    decode: str = "cpu"  # cpu (PIL in threads) | gpu (JPEGs batch-decoded on the model's device, nvjpeg on CUDA)
     # image engine: "local" (this process: decode threads + one model) | "ray" (Ray Data:
     # decode tasks + an actor pool of encoders, on this machine or the RAY_ADDRESS cluster)
     engine: str = "local"

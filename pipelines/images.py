@@ -12,6 +12,10 @@ Both pixel trainers read images through here: the image families of ``pipelines.
 - ``batch_loader``: a ``DataLoader`` over whole batches (``batch_size=None``): each item is
   one batch that ``make(spec)`` builds, in ``workers`` parallel processes, with pinned memory
   on CUDA; ``to_device`` then copies without blocking.
+- ``decode_batch`` / ``decode_images``: a batch of files decoded on a device (JPEGs with
+  ``torchvision.io.decode_jpeg``, batched: nvjpeg on CUDA), with PIL as the fallback for other
+  formats and for files the batch decoder rejects; bad files are reported, not fatal.
+  ``resize_center_crop`` then resizes and crops the batch on that device.
 """
 
 from __future__ import annotations
@@ -139,3 +143,124 @@ def check_images(paths: Sequence[str], *, what: str, fix: str) -> None:
     if missing := missing_images(paths):
         shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
         raise DataError(f"{len(missing)} image file(s) missing on disk for {what} (e.g. {shown}); {fix}")
+
+
+# --------------------------------------------------------------------------- batched decode on a device
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def read_bytes(path: str | Path) -> torch.Tensor:
+    """A file's bytes as a 1-D uint8 tensor (the input of :func:`decode_images`). Raises ``OSError``."""
+    data = Path(path).read_bytes()
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+
+
+def is_jpeg(data: torch.Tensor) -> bool:
+    return data.numel() >= 3 and bytes(data[:3].tolist()) == JPEG_MAGIC
+
+
+def _decode_jpegs(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    import warnings
+
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision 0.29's deprecation notice of its image codecs
+        out = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+    return list(out)
+
+
+def _decode_pil(data: torch.Tensor) -> torch.Tensor:
+    import io
+
+    with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
+        arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def decode_images(
+    datas: Sequence[torch.Tensor | None], device: torch.device | str = "cpu"
+) -> tuple[list[torch.Tensor | None], list[str | None]]:
+    """Decode encoded images (``read_bytes``) to RGB uint8 tensors (3, h, w) on ``device``.
+
+    The JPEGs go through ``torchvision.io.decode_jpeg`` in one batch on ``device`` (nvjpeg on
+    CUDA; libjpeg-turbo on the CPU, which gives PIL's pixels exactly). Other formats, and
+    JPEGs the batch decoder rejects (CMYK on some GPUs, a truncated file that sinks the batch),
+    fall back to one decode each: ``decode_jpeg`` alone, then PIL on the CPU. A file that
+    nothing decodes gives ``None`` and its error (as text); ``None`` input (a file that could
+    not be read) stays ``None`` with error ``"unreadable"``. Returns (images, errors), in input
+    order.
+    """
+    device = torch.device(device)
+    images: list[torch.Tensor | None] = [None] * len(datas)
+    errors: list[str | None] = [None] * len(datas)
+    jpegs = [i for i, d in enumerate(datas) if d is not None and is_jpeg(d)]
+    if jpegs:
+        try:
+            for i, im in zip(jpegs, _decode_jpegs([datas[i] for i in jpegs], device), strict=True):
+                images[i] = im
+        except Exception:  # noqa: BLE001 - one bad file fails the whole batch: decode one by one below
+            pass
+    for i, data in enumerate(datas):
+        if images[i] is not None:
+            continue
+        if data is None:
+            errors[i] = "unreadable"
+            continue
+        try:
+            if i in jpegs:
+                try:
+                    images[i] = _decode_jpegs([data], device)[0]
+                    continue
+                except Exception:  # noqa: BLE001 - e.g. a JPEG kind this device's decoder lacks
+                    pass
+            images[i] = _decode_pil(data).to(device)
+        except Exception as exc:  # noqa: BLE001 - any undecodable file is reported, not fatal
+            errors[i] = f"{type(exc).__name__}: {exc}"
+    return images, errors
+
+
+def resize_center_crop(
+    images: Sequence[torch.Tensor], resize: int, crop: tuple[int, int], interpolation: str = "bicubic"
+) -> torch.Tensor:
+    """(B, 3, crop_h, crop_w) uint8: each image (3, h, w) resized, short side = ``resize``
+    (antialiased, like ``torchvision.transforms.Resize(int)``), then centre-cropped, on the
+    images' own device. On the CPU this is torchvision's uint8 path, within a few grey levels
+    of PIL's resize."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    mode = InterpolationMode(interpolation)
+    out = []
+    for im in images:
+        x = TF.resize(im, [resize], interpolation=mode, antialias=True)
+        out.append(TF.center_crop(x, list(crop)))
+    return torch.stack(out)
+
+
+def decode_batch(
+    paths: Sequence[str | Path], resize: int, crop: tuple[int, int], device: torch.device | str = "cpu",
+    interpolation: str = "bicubic",
+) -> tuple[torch.Tensor, list[int], list[str]]:
+    """Read, decode (:func:`decode_images`) and resize + centre-crop a batch of files on ``device``.
+
+    Returns (B', 3, h, w) uint8 for the files that decoded, their indices in ``paths``, and
+    one error text per path (``""`` for the good ones): bad files are skipped and reported,
+    not fatal. An empty batch gives a (0, 3, h, w) tensor.
+    """
+    datas: list[torch.Tensor | None] = []
+    read_errors: list[str] = []
+    for p in paths:
+        try:
+            datas.append(read_bytes(p))
+            read_errors.append("")
+        except OSError as exc:
+            datas.append(None)
+            read_errors.append(f"{type(exc).__name__}: {exc}")
+    images, errors = decode_images(datas, device)
+    ok = [i for i, im in enumerate(images) if im is not None]
+    msgs = [read_errors[i] or (errors[i] or "") for i in range(len(paths))]
+    if not ok:
+        return torch.empty(0, 3, *crop, dtype=torch.uint8, device=device), ok, msgs
+    return resize_center_crop([images[i] for i in ok], resize, crop, interpolation), ok, msgs

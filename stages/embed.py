@@ -3,7 +3,9 @@
 The image cache is chunked, checksummed and incremental: a killed run continues where it
 stopped, and a changed manifest embeds only the images that are new or whose file changed
 (rows are keyed by image id and file SHA-256, the cache by the model's fingerprint).
-`card.json` records which weights were used so later stages can stamp their results.
+`card.json` records which weights were used so later stages can stamp their results, and
+the numeric path of the image embeddings (precision, device type, decode): DVC tracks it, so
+a run on another path changes dvc.lock and reruns the stages downstream.
 """
 
 import sys
@@ -11,7 +13,14 @@ from pathlib import Path
 
 from pipelines.data.manifest import read_manifest
 from pipelines.embed.clip import load_clip
-from pipelines.embed.encode import embed_images, embed_texts, write_text_embeddings
+from pipelines.embed.encode import (
+    decode_workers,
+    embed_images,
+    embed_texts,
+    resolve_device,
+    resolve_precision,
+    write_text_embeddings,
+)
 from pipelines.io import DataError, write_json
 from stages.common import BYO, CARD, EMBED, IMAGE_EMB, MANIFEST, TAG_EMB, TAGS, cli, params
 
@@ -50,19 +59,25 @@ def main() -> None:
         from pipelines.embed.ray_engine import check_ray_params
 
         check_ray_params(e.ray)  # before the model loads
+    if e.engine == "local":  # the path (device, precision, decode) is settled before the model loads
+        device = resolve_device(e.device)
+        resolve_precision(e.precision, device)
+    else:
+        device = "cpu"  # the driver's copy; the actors move it to their own device
     # random-init weights (pretrained: none / fallback) are reproducible from the seed
-    bundle = load_clip(e.model, e.pretrained, allow_random_fallback=e.allow_random_fallback, seed=p.seed)
+    bundle = load_clip(e.model, e.pretrained, allow_random_fallback=e.allow_random_fallback, device=device, seed=p.seed)
     manifest = read_manifest(MANIFEST)
     # the model's identity only: which images are cached is decided row by row
     fingerprint = {"model": bundle.name, "weights": bundle.weights, "init_seed": p.seed}
     items = list(zip(manifest["image_id"], manifest["path"]))
-    common = {"num_workers": e.num_workers, "chunk_rows": e.chunk_rows, "precision": e.precision, "fingerprint": fingerprint}
+    common = {"chunk_rows": e.chunk_rows, "precision": e.precision, "decode": e.decode, "fingerprint": fingerprint}
     if e.engine == "ray":  # Ray Data: decode tasks + an actor pool of encoders; the same cache
         from pipelines.embed.ray_engine import embed_images_ray
 
-        report = embed_images_ray(bundle, items, IMAGE_EMB, e.ray, **common)
+        workers = decode_workers(e.num_workers, "cpu")  # threads hashing files in this process
+        report = embed_images_ray(bundle, items, IMAGE_EMB, e.ray, num_workers=workers, **common)
     else:
-        report = embed_images(bundle, items, IMAGE_EMB, batch_size=e.batch_size, **common)
+        report = embed_images(bundle, items, IMAGE_EMB, batch_size=e.batch_size, num_workers=e.num_workers, **common)
     semantic, attribute = read_tags("semantic"), read_tags("attribute")
     tags = semantic + attribute
     kinds = ["semantic"] * len(semantic) + ["attribute"] * len(attribute)
@@ -78,6 +93,8 @@ def main() -> None:
             "init_seed": p.seed,
             "embed_dim": bundle.embed_dim,
             "logit_scale": float(bundle.model.logit_scale.exp()),
+            # the numeric path of the image embeddings: a different path is a different result
+            "embed_path": {"precision": report["precision"], "device": report["device"], "decode": report["decode"]},
             "n_semantic": len(semantic),
             "n_attribute": len(attribute),
         },

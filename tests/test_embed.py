@@ -33,7 +33,18 @@ from pipelines.embed import (
 )
 from pipelines.embed import clip as clip_mod
 from pipelines.embed.cache import file_sha256, list_parts
-from pipelines.embed.encode import BUILDERS, FastVisionTower, ImageDecoder, calibrate, micro_batched
+from pipelines.embed.encode import (
+    BUILDERS,
+    FastVisionTower,
+    ImageDecoder,
+    PatchEmbedLinear,
+    choose_precision,
+    decode_workers,
+    micro_batched,
+    resolve_device,
+    resolve_precision,
+)
+from pipelines.hardware import cpu_native_bf16
 from pipelines.io import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -227,11 +238,80 @@ def test_fast_paths_match_fp32(bundle, photos) -> None:
             cos = F.cosine_similarity(out, ref, dim=-1)
             assert cos.min() >= 0.999, (name, float(cos.min()))
             assert not torch.equal(out, ref)  # it really is a different numeric path
-    choice, table, encoder = calibrate(bundle, x[:8])
-    assert choice in BUILDERS and table["fp32"]["status"] == "ok"
-    assert table[choice]["status"] == "ok" and table[choice]["min_cosine"] >= 0.999
-    with torch.inference_mode():
-        assert F.cosine_similarity(encoder(x), ref, dim=-1).min() >= 0.999
+
+
+def test_precision_is_a_function_of_the_device_only() -> None:
+    # auto: bf16 where the device has it natively, else fp32; int8 only when asked for
+    assert choose_precision("auto", "cuda", bf16=True) == "bf16"
+    assert choose_precision("auto", "cuda", bf16=False) == "fp32"
+    assert choose_precision("auto", "cpu", bf16=True) == "bf16"
+    assert choose_precision("auto", "cpu", bf16=False) == "fp32"
+    assert choose_precision("int8", "cpu", bf16=False) == "int8"
+    assert choose_precision("fp32", "cuda", bf16=False) == "fp32"
+    with pytest.raises(DataError, match=r"embed\.precision = 'int8' cannot run on this cuda device.*supports fp32, bf16"):
+        choose_precision("int8", "cuda", bf16=True)
+    with pytest.raises(DataError, match=r"embed\.precision = 'bf16' cannot run on this cuda.*supports fp32 \(auto picks fp32"):
+        choose_precision("bf16", "cuda", bf16=False)
+    with pytest.raises(DataError, match=r"'bf16' cannot run on this cpu device: this CPU has no native bf16.*fp32, int8"):
+        choose_precision("bf16", "cpu", bf16=False)
+    with pytest.raises(DataError, match=r"embed\.precision = 'fp8' is not one of"):
+        choose_precision("fp8", "cpu", bf16=True)
+    # this machine: read from its CPU flags, the same answer every call (no timing)
+    want = "bf16" if cpu_native_bf16() else "fp32"
+    assert {resolve_precision("auto", "cpu") for _ in range(3)} == {want}
+    import pipelines.embed.encode as enc
+
+    assert not hasattr(enc, "calibrate") and "perf_counter" not in Path(enc.__file__).read_text().split("def resolve_precision")[1].split("def check_decode")[0]
+
+
+def test_devices_and_decode_workers() -> None:
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(DataError, match=r"embed\.device = 'tpu'"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DataError, match=r"embed\.device = 'cuda', but this machine has 0 CUDA device"):
+            resolve_device("cuda")
+    assert decode_workers("auto", "cpu", cpus=16) == 2 and decode_workers("auto", "cpu", cpus=1) == 1
+    assert decode_workers("auto", "cuda", cpus=16) == 15 and decode_workers("auto", "cuda", cpus=64) == 16
+    assert decode_workers(3, "cuda") == 3
+    with pytest.raises(DataError, match=r"embed\.num_workers = -1"):
+        decode_workers(-1, "cpu")
+
+
+def test_an_unrunnable_precision_fails_before_any_image_is_read(bundle, photos, tmp_path: Path, monkeypatch) -> None:
+    import pipelines.embed.encode as enc
+
+    monkeypatch.setattr(enc, "device_bf16", lambda device: False)  # a CPU without native bf16
+    opened = []
+    monkeypatch.setattr(enc, "file_hashes", lambda *a, **k: opened.append(1) or {})
+    with pytest.raises(DataError, match=r"embed\.precision = 'bf16' cannot run .* supports fp32, int8"):
+        embed_images(bundle, photos, tmp_path / "c", precision="bf16", progress=False)
+    assert not opened and not (tmp_path / "c").exists()  # no file hashed, no cache opened
+
+
+def test_patch_embed_linear_lives_on_the_convs_device_and_dtype() -> None:
+    conv = torch.nn.Conv2d(3, 8, 4, stride=4, bias=True).to(torch.bfloat16)
+    lin = PatchEmbedLinear(conv)
+    assert lin.linear.weight.dtype == torch.bfloat16 and lin.linear.weight.device == conv.weight.device
+    if torch.cuda.is_available():
+        conv = torch.nn.Conv2d(3, 8, 4, stride=4).cuda()
+        assert PatchEmbedLinear(conv).linear.weight.is_cuda
+
+
+def test_path_change_re_embeds_the_cache(bundle, photos, tmp_path: Path) -> None:
+    kw = dict(batch_size=6, chunk_rows=6, progress=False)
+    first = embed_images(bundle, photos[:12], tmp_path, precision="fp32", **kw)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["precision_used"] == "fp32" and meta["device"] == "cpu" and meta["decode"] == "cpu"
+    assert meta["fingerprint"]["precision"] == "fp32" and first["precision_requested"] == "fp32"
+    again = embed_images(bundle, photos[:12], tmp_path, precision="fp32", **kw)
+    assert again["n_resumed"] == 12 and again["n_embedded_now"] == 0
+    other = embed_images(bundle, photos[:12], tmp_path, precision="int8", **kw)  # another path: a new cache
+    assert other["cache_wiped"] and other["n_resumed"] == 0 and other["n_embedded_now"] == 12
+    assert json.loads((tmp_path / "meta.json").read_text())["precision_used"] == "int8"
+    gpu_decoded = embed_images(bundle, photos[:12], tmp_path, precision="int8", decode="gpu", **kw)
+    assert gpu_decoded["cache_wiped"] and gpu_decoded["decode"] == "gpu"
 
 
 def test_fast_tower_is_the_same_vit(bundle) -> None:
@@ -250,17 +330,48 @@ def test_fast_tower_is_the_same_vit(bundle) -> None:
 
 def test_auto_precision_recorded_and_kept_on_resume(bundle, photos, tmp_path: Path) -> None:
     first = embed_images(bundle, photos[:12], tmp_path, batch_size=6, chunk_rows=6, progress=False)
-    assert first["precision_requested"] == "auto" and first["precision"] in BUILDERS
-    assert "fp32" in first["calibration"]
+    assert first["precision_requested"] == "auto" and first["precision"] == resolve_precision("auto", "cpu")
     meta = json.loads((tmp_path / "meta.json").read_text())
-    assert meta["precision_used"] == first["precision"] and meta["fingerprint"]["precision"] == "auto"
+    assert meta["precision_used"] == first["precision"] == meta["fingerprint"]["precision"]
     again = embed_images(bundle, photos, tmp_path, batch_size=6, chunk_rows=6, progress=False)
     assert again["n_resumed"] == 12 and again["n_embedded_now"] == 12
-    assert again["precision"] == first["precision"] and again["calibration_s"] == 0
+    assert again["precision"] == first["precision"] and not again["cache_wiped"]
     got = by_id(tmp_path)
     ref = naive_embeddings(bundle, photos)
     cos = np.array([got[i] @ ref[k] for k, (i, _) in enumerate(photos)])
     assert cos.min() >= 0.999
+
+
+def test_gpu_decode_path_on_the_cpu_matches_pil(bundle, photos, bad_files, tmp_path: Path) -> None:
+    """decode="gpu" with a CPU model: the batched torchvision decode + resize on the CPU (the CUDA
+    code path minus nvjpeg), PNGs through the PIL fallback, bad files skipped and reported."""
+    from pipelines.images import decode_batch, decode_images, read_bytes
+
+    paths = [p for _, p in photos[:8]] + [bad_files[1][1], bad_files[2][1]]
+    datas = [read_bytes(p) for p in paths]
+    images, errors = decode_images(datas, "cpu")
+    for path, im in zip(paths[:8], images[:8]):  # libjpeg-turbo on the CPU: PIL's pixels exactly
+        assert torch.equal(im, torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1))
+    assert images[8] is None and images[9] is None and errors[8] and errors[9] and errors[0] is None
+    x, ok, msgs = decode_batch(paths + [bad_files[0][1]], 64, (64, 64))
+    assert x.shape == (8, 3, 64, 64) and x.dtype == torch.uint8 and ok == list(range(8))
+    assert msgs[:8] == [""] * 8 and all(msgs[8:]) and "FileNotFoundError" in msgs[10]
+    decoder = ImageDecoder(bundle.preprocess)
+    assert decoder.device_plan() == (64, (64, 64), "bicubic")
+    pil = decoder.collate([decoder.load(p) for p in paths[:8]])
+    assert (decoder.normalise_uint8(x) - pil).abs().max() < 0.02  # resize rounding: one grey level at most
+
+    items = photos[:10] + bad_files
+    kw = dict(batch_size=5, chunk_rows=8, precision="fp32", progress=False)
+    rep = embed_images(bundle, items, tmp_path / "gpu", decode="gpu", **kw)
+    assert rep["decode"] == "gpu" and rep["n_embedded_now"] == 10 and rep["n_skipped"] == 3
+    assert {s["image_id"] for s in rep["skipped"]} == {"missing", "truncated", "text"}
+    ref = embed_images(bundle, items, tmp_path / "cpu", **kw)
+    a, b = by_id(tmp_path / "gpu"), by_id(tmp_path / "cpu")
+    assert min(float(a[i] @ b[i]) for i in b) >= 0.999
+    with pytest.raises(DataError, match=r"embed\.decode = 'nvjpeg' is not one of"):
+        embed_images(bundle, items, tmp_path / "x", decode="nvjpeg", **kw)
+    assert ref["decode"] == "cpu"
 
 
 def test_fingerprint_change_wipes_and_manifest_shrink(bundle, photos, tmp_path: Path) -> None:

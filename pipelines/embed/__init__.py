@@ -3,10 +3,12 @@
 Public API::
 
     load_clip(model, pretrained, *, allow_random_fallback=False, device="cpu", seed=None) -> ClipBundle
-    embed_images(bundle, items, out_dir, *, batch_size=64, num_workers=2, chunk_rows=512,
-                 precision="auto" | "fp32" | "int8" | "bf16", fingerprint=None, progress=True) -> report
+    embed_images(bundle, items, out_dir, *, batch_size=64, num_workers=2 | "auto", chunk_rows=512,
+                 precision="auto" | "fp32" | "int8" | "bf16", decode="cpu" | "gpu",
+                 fingerprint=None, progress=True) -> report
+    encode.resolve_precision(precision, device) -> "fp32" | "bf16" | "int8"  (no timing: device features)
     ray_engine.embed_images_ray(bundle, items, out_dir, EmbedRayParams(...), *, chunk_rows=512,
-                 precision="auto", fingerprint=None, num_workers=2, progress=True) -> report
+                 precision="auto", decode="cpu", fingerprint=None, num_workers=2, progress=True) -> report
                  (the same cache on Ray Data: decode tasks + an actor pool; imported on demand)
     read_image_embeddings(out_dir) -> (ids, N x D float32)
     embed_texts(bundle, texts, batch_size=256) -> N x D float32

@@ -2,7 +2,7 @@
 
 Image cache layout (one directory)::
 
-    meta.json                            {"fingerprint": {...}, "precision_used": ..., ...}
+    meta.json                            {"fingerprint": {...}, "precision_used": ..., "device": ..., "decode": ...}
     part-00000-<sha256[:16]>.parquet     image_id: string, embedding: fixed_size_list<float32>[D],
     part-00001-<sha256[:16]>.parquet       file_sha256: string (the image file's bytes)
     ...
@@ -12,8 +12,9 @@ of its bytes: a part that is truncated or corrupted on disk no longer matches it
 embed stage deletes and recomputes it (:func:`open_cache`), and readers refuse it
 (:func:`read_image_embeddings`) instead of reading wrong numbers.
 
-The fingerprint in ``meta.json`` is the model's (architecture, weights, precision); a
-different one wipes the cache's own files. Within one fingerprint the cache is incremental:
+The fingerprint in ``meta.json`` is the model's (architecture, weights) and the numeric path's
+(precision, device type, decode); a different one wipes the cache's own files, so a cache
+never mixes embeddings of two paths. Within one fingerprint the cache is incremental:
 a row is kept while the manifest still has its image id and the image file still has the
 SHA-256 stored with the row, so adding, removing or replacing images re-embeds only those.
 """

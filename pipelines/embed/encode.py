@@ -1,36 +1,42 @@
 """Embed images (into the chunked Parquet cache) and texts with a frozen open_clip model.
 
-Where the CPU speed comes from (measured by ``benchmarks/bench_embed.py``; ViT-B-32 on
-2 AVX2 cores: naive per-image fp32 loop ~10 img/s, this module ~35 img/s steady state):
+The numeric path (``precision``) is a pure function of the device and the params, never of
+a stopwatch, so the same params on the same kind of device give the same embeddings:
 
-1. Decoding overlaps inference: a thread pool runs PIL (which releases the GIL) on the
-   next batches while the model works. Workers stop at the PIL stage (uint8 arrays);
-   ToTensor + Normalize run once per batch with torchvision's arithmetic, so the input
-   tensor is bit-identical to ``preprocess(image)``.
-2. Batched inference under ``torch.inference_mode``, in slices of ~``MICRO_TOKENS`` tokens
-   whose activations stay in cache (~15% faster than one 64-image batch).
-3. A faster numeric path for the image tower, picked by ``precision``:
+* ``fp32``: ``FastVisionTower`` (below) in fp32, the same maths as the model's own
+  ``encode_image`` (checked against it when built; ``encode_image`` itself for towers it does
+  not cover). On CUDA its matmuls use TF32.
+* ``bf16``: ``FastVisionTower`` (below) in bf16 with LayerNorm kept in fp32. Runs on CUDA
+  GPUs with bf16 (compute capability >= 8.0) and on CPUs with native bf16 matmul
+  (AVX512-BF16 / AMX); without them it is refused (emulated bf16 is ~40-100x slower).
+* ``int8``: ``FastVisionTower`` with every Linear dynamically quantised to int8 (weights per
+  channel, packed for oneDNN); LayerNorm, softmax, GELU stay fp32. CPU only, and only when
+  asked for: ~1.9x fp32 on AVX2, cosine to fp32 ~0.9997.
+* ``auto``: ``bf16`` where the device runs it natively (``pipelines.hardware.device_bf16``),
+  else ``fp32``. int8 is never chosen by ``auto``.
 
-   * ``fp32``: the model's own ``encode_image`` (the reference).
-   * ``int8``: ``FastVisionTower`` (the same ViT maths with every matmul a Linear: patch
-     embedding as a Linear, SDPA attention behind a fused qkv Linear, and the last block
-     run for the class token only), then every Linear dynamically quantised to int8
-     (weights per channel, packed for oneDNN). LayerNorm, softmax, GELU stay fp32.
-     ~1.9x fp32; cosine to fp32 ~0.9997.
-   * ``bf16``: a bf16 copy of the (fast) tower with LayerNorm kept in fp32. Only fast on
-     CPUs with native bf16 matmul (AVX-512 BF16 / AMX) or on GPUs; on plain AVX2, torch's
-     bf16 matmul is ~40x slower than fp32.
-   * ``auto``: on the first batch, build and time each candidate against fp32 and keep
-     the fastest whose embeddings match fp32 with cosine >= 0.999 on every calibration
-     image and that is >= 1.1x faster (else fp32). bf16 is tried only when a quick matmul
-     probe shows bf16 beating fp32. A resumed cache reuses the path it was started with
-     (``meta.json``), so one cache never mixes paths.
+:func:`resolve_precision` makes that choice before any image is read; a precision the
+device cannot run is a ``DataError`` naming ``embed.precision`` and the paths it supports.
+The path used is part of the cache's fingerprint (a cache written by another path is
+re-embedded, never mixed) and of the report.
 
-Rejected after measuring: bf16 autocast (slower than fp32 here), torch.compile with
-inductor freezing / oneDNN fusions (30 s compile for +2% in fp32), fbgemm int8 packing
-(~15% slower than oneDNN), and low-priority decode threads (no gain; slower on large
-JPEGs). Not pursued: channels_last (only the patchify conv sees NCHW, and it is a Linear
-here).
+Where the speed comes from (``benchmarks/bench_embed.py``):
+
+1. Decoding overlaps inference: a thread pool runs PIL (which releases the GIL) on the next
+   batches while the model works. Workers stop at the PIL stage (uint8 arrays); ToTensor +
+   Normalize run once per batch, so the input is bit-identical to ``preprocess(image)``.
+   With ``decode="gpu"`` the workers only read the files' bytes and the batch is decoded
+   on the model's device (``pipelines.images.decode_batch``: nvjpeg on CUDA).
+2. Batched inference under ``torch.inference_mode``. On the CPU in slices of
+   ~``MICRO_TOKENS`` tokens whose activations stay in cache (~15% faster than one 64-image
+   batch); on a GPU the whole batch at once, copied from pinned memory without blocking.
+3. ``FastVisionTower``: the same ViT maths with every matmul a Linear (patch embedding as a
+   Linear, SDPA attention behind a fused qkv Linear, the last block run for the class token
+   only), for the fp32, bf16 and int8 paths.
+
+Rejected after measuring on an AVX2 CPU: bf16 autocast (slower than fp32), torch.compile with
+inductor freezing (30 s compile for +2% in fp32), fbgemm int8 packing (~15% slower than
+oneDNN), low-priority decode threads (no gain).
 """
 
 from __future__ import annotations
@@ -41,8 +47,9 @@ import os
 import time
 import warnings
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -63,15 +70,15 @@ from pipelines.embed.cache import (
     write_text_embeddings,
 )
 from pipelines.embed.clip import ClipBundle
-from pipelines.hardware import bf16_matmul_speedup
+from pipelines.hardware import device_bf16
+from pipelines.images import read_bytes
 from pipelines.io import DataError
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "int8", "bf16")
-MIN_COSINE = 0.999
-MIN_SPEEDUP = 1.1  # auto leaves exact fp32 only for a clear win
-CALIB_IMAGES = 8
+DECODERS = ("cpu", "gpu")  # where images are decoded: PIL in threads | the model's device (nvjpeg on CUDA)
+MIN_COSINE = 0.999  # bf16 / int8 embeddings match fp32 at least this well (tests, benchmarks)
 MICRO_TOKENS = 1600  # tokens per forward slice (32 images of ViT-B-32)
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]  # NCHW fp32 -> N x D, L2-normalised fp32
@@ -119,27 +126,63 @@ class ImageDecoder:
             im = step(im)
         return np.asarray(im, dtype=np.uint8)
 
-    def collate(self, images: Sequence[np.ndarray | torch.Tensor]) -> torch.Tensor:
+    def collate(self, images: Sequence[np.ndarray | torch.Tensor], device: torch.device | str | None = None) -> torch.Tensor:
+        """The batch as the normalised NCHW float tensor, on ``device`` (default: the CPU).
+
+        On a GPU the uint8 batch is copied (from pinned memory, without blocking) and
+        converted there: a quarter of the bytes of a float copy, and the arithmetic is the
+        same ToTensor + Normalize.
+        """
+        device = torch.device("cpu" if device is None else device)
         if self.pil_stage is None:
-            return torch.stack([torch.as_tensor(i) for i in images])
-        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-        x = x.to(torch.float32).div_(255)
+            x = torch.stack([torch.as_tensor(i) for i in images])
+            return x if device.type == "cpu" else x.pin_memory().to(device, non_blocking=True)
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+        if device.type != "cpu":
+            x = x.contiguous().pin_memory().to(device, non_blocking=True)
+        return self.normalise_uint8(x)
+
+    def normalise_uint8(self, x: torch.Tensor) -> torch.Tensor:
+        """ToTensor + Normalize of an NCHW uint8 batch, on the batch's device."""
+        x = x.contiguous().to(torch.float32).div_(255)
         if self.mean is not None:
-            x.sub_(self.mean).div_(self.std)
+            x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
         return x
+
+    def device_plan(self) -> tuple[int, tuple[int, int], str] | None:
+        """(resize, crop, interpolation) when the per-image transforms are the usual CLIP
+        ``Resize(short side) -> CenterCrop -> RGB`` that ``pipelines.images.decode_batch``
+        reproduces on a device; None for any other transform."""
+        from torchvision.transforms import CenterCrop, Resize
+
+        steps = [s for s in (self.pil_stage or []) if not _is_rgb_convert(s)]
+        if self.mean is None or len(steps) != 2 or not isinstance(steps[0], Resize) or not isinstance(steps[1], CenterCrop):
+            return None
+        resize, crop = steps[0], steps[1]
+        size = resize.size if isinstance(resize.size, int) else (resize.size[0] if len(resize.size) == 1 else None)
+        if size is None or resize.max_size is not None or resize.antialias is False:
+            return None
+        return int(size), (int(crop.size[0]), int(crop.size[1])), resize.interpolation.value
+
+
+def _is_rgb_convert(step: Any) -> bool:
+    """open_clip's RGB conversion step (``MaybeConvertMode`` / ``_convert_to_rgb``): a no-op on RGB input."""
+    name = getattr(step, "__name__", type(step).__name__)
+    return name in ("_convert_to_rgb", "MaybeConvertMode", "convert_to_rgb")
 
 
 @dataclass
 class Batch:
     ids: list[str]
-    images: list[Any]
+    images: Any  # a list of decoded images (or of file bytes, for decode="gpu"), or a batch tensor
     failed: list[dict[str, str]]  # image_id, path, error
+    paths: list[str] = field(default_factory=list)
 
 
 def decoded_batches(
-    items: Sequence[tuple[str, str]], decoder: ImageDecoder, batch_size: int, num_workers: int
+    items: Sequence[tuple[str, str]], decoder: Any, batch_size: int, num_workers: int
 ) -> Iterator[Batch]:
-    """Yield batches of decoded images in order; ``num_workers`` threads decode ahead."""
+    """Yield batches of ``decoder.load(path)`` in order; ``num_workers`` threads load ahead."""
 
     def load(path: str) -> Any:
         try:
@@ -155,6 +198,7 @@ def decoded_batches(
             else:
                 out.ids.append(image_id)
                 out.images.append(img)
+                out.paths.append(path)
         return out
 
     if num_workers <= 0:
@@ -267,7 +311,8 @@ class PatchEmbedLinear(torch.nn.Module):
         super().__init__()
         out_ch, in_ch, ph, pw = conv.weight.shape
         self.patch = (ph, pw)
-        self.linear = torch.nn.Linear(in_ch * ph * pw, out_ch, bias=conv.bias is not None)
+        w = conv.weight  # the Linear lives where the conv does (CPU or GPU), in its dtype
+        self.linear = torch.nn.Linear(in_ch * ph * pw, out_ch, bias=conv.bias is not None, device=w.device, dtype=w.dtype)
         with torch.no_grad():
             self.linear.weight.copy_(conv.weight.reshape(out_ch, -1))
             if conv.bias is not None:
@@ -332,7 +377,7 @@ class FastVisionTower(torch.nn.Module):
         size = visual.image_size if isinstance(visual.image_size, tuple) else (visual.image_size,) * 2
         x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
         x = x.to(next(visual.parameters()).device)
-        with torch.inference_mode():
+        with torch.inference_mode(), _tf32(False):  # the check in true fp32 (cuDNN convs default to TF32)
             cos = F.cosine_similarity(fast(x), visual(x), dim=-1).min()
         if cos < 0.99999:
             log.warning("fast image tower differs from open_clip's (cosine %.6f); not used", cos)
@@ -404,12 +449,31 @@ def _fast_copy(visual: torch.nn.Module) -> torch.nn.Module:
     return tower
 
 
-def micro_batched(bundle: ClipBundle, forward: Callable[[torch.Tensor], torch.Tensor]) -> Encoder:
-    """Run ``forward`` on slices of ~MICRO_TOKENS tokens and L2-normalise the fp32 result.
+def on_gpu(bundle: ClipBundle) -> bool:
+    return torch.device(bundle.device).type != "cpu"
 
-    Keeping the activations of one slice in cache is ~15% faster than one big batch
-    (ViT-B-32 on 2 AVX2 cores, fp32 and int8 alike: slices of 32 images beat 64).
+
+@contextmanager
+def _tf32(on: bool = True) -> Iterator[None]:
+    """TF32 matmuls and convolutions on CUDA (the fp32 path) or, ``on=False``, none (restored after)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def micro_batched(bundle: ClipBundle, forward: Callable[[torch.Tensor], torch.Tensor]) -> Encoder:
+    """Run ``forward`` and L2-normalise the fp32 result: on the CPU in slices of ~MICRO_TOKENS
+    tokens, on a GPU the whole batch at once.
+
+    Keeping the activations of one slice in cache is ~15% faster than one big batch on a CPU
+    (ViT-B-32 on 2 AVX2 cores, fp32 and int8 alike: slices of 32 images beat 64); a GPU wants
+    the largest batch it is given.
     """
+    if on_gpu(bundle):
+        return lambda x: F.normalize(forward(x).float(), dim=-1)
     grid = getattr(bundle.model.visual, "grid_size", (7, 7))
     rows = max(1, MICRO_TOKENS // (int(np.prod(grid)) + 1))
 
@@ -421,15 +485,38 @@ def micro_batched(bundle: ClipBundle, forward: Callable[[torch.Tensor], torch.Te
 
 
 def build_fp32(bundle: ClipBundle) -> Encoder:
-    """The reference: the model's own ``encode_image``."""
-    return micro_batched(bundle, bundle.model.encode_image)
+    """fp32: ``FastVisionTower`` in fp32 where it applies (the same maths as ``encode_image``,
+    checked against it to cosine >= 0.99999 when built), else the
+    model's own ``encode_image``. TF32 matmuls on CUDA."""
+    tower = _fast_tower_or_none(bundle)
+    forward: Callable[[torch.Tensor], torch.Tensor] = tower if tower is not None else bundle.model.encode_image
+    if torch.device(bundle.device).type == "cuda":
+        plain = forward
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            with _tf32():
+                return plain(x)
+
+    return micro_batched(bundle, forward)
+
+
+def _fast_tower_or_none(bundle: ClipBundle) -> torch.nn.Module | None:
+    """A FastVisionTower copy of a CLIP-style model's image tower, or None (other models, other towers)."""
+    import open_clip
+
+    if not isinstance(bundle.model, (open_clip.CLIP, open_clip.CustomTextCLIP)):
+        return None
+    return FastVisionTower.build(bundle.model.visual)
 
 
 def build_int8(bundle: ClipBundle) -> Encoder:
-    """Image tower with every Linear dynamically quantised to int8.
+    """Image tower with every Linear dynamically quantised to int8 (CPU only).
 
     Weights: int8 per output channel; activations: uint8 per tensor, scaled per call.
     """
+    if on_gpu(bundle):
+        raise DataError(f"embed.precision: int8 runs on the CPU only (its kernels are CPU kernels), not on "
+                        f"{bundle.device}; use {' or '.join(supported_precisions(bundle.device))}.")
     tower = _fast_copy(_image_tower(bundle))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao deprecation notices
@@ -450,7 +537,7 @@ def build_int8(bundle: ClipBundle) -> Encoder:
 
 
 def build_bf16(bundle: ClipBundle) -> Encoder:
-    """bf16 copy of the image tower; LayerNorm stays fp32."""
+    """bf16 copy of the (fast) image tower, on the model's device; LayerNorm stays fp32."""
     tower = _fast_copy(_image_tower(bundle)).to(torch.bfloat16)
     replace_modules(tower, lambda m: isinstance(m, torch.nn.LayerNorm), Fp32LayerNorm)
     tower.eval()
@@ -464,53 +551,94 @@ BUILDERS: dict[str, Callable[[ClipBundle], Encoder]] = {
 }
 
 
-def calibrate(
-    bundle: ClipBundle, x: torch.Tensor, reps: int = 2
-) -> tuple[str, dict[str, Any], Encoder]:
-    """Pick the fastest path whose embeddings match fp32 (cosine >= MIN_COSINE) on ``x``.
+# --------------------------------------------------------------------------- choosing the path
 
-    Each path is built and run once (its output checked against fp32); the paths that
-    pass are then timed ``reps`` times, interleaved so that a burst of load from another
-    process hits them alike, and the best time of each counts.
 
-    Returns the chosen precision, a table {path: {img_per_s, min_cosine, status}} and the
-    chosen encoder (already built, so the caller need not build it again).
+def device_precisions(device_type: str, bf16: bool) -> tuple[str, ...]:
+    """The precision paths a device of ``device_type`` runs (``bf16``: it has native bf16)."""
+    if device_type == "cpu":
+        return ("fp32", "int8", "bf16") if bf16 else ("fp32", "int8")
+    return ("fp32", "bf16") if bf16 else ("fp32",)
+
+
+def choose_precision(requested: str, device_type: str, bf16: bool, key: str = "embed.precision") -> str:
+    """The path for ``requested`` on a device of ``device_type`` with (``bf16``) or without
+    native bf16: a pure function, no timing. ``auto``: bf16 with native bf16, else fp32.
+
+    Raises:
+        DataError: an unknown precision, or one this device cannot run (naming ``key`` and
+            the paths the device supports).
     """
-    encoders = {"fp32": BUILDERS["fp32"](bundle)}
-    table: dict[str, dict[str, Any]] = {"fp32": {"min_cosine": 1.0, "status": "ok"}}
-    if x.device.type != "cpu":  # accelerators: bf16 is the candidate; int8 kernels are CPU-only
-        candidates = ["bf16"]
-    else:
-        candidates = ["int8"]
-        bf16_gain = bf16_matmul_speedup()
-        if bf16_gain > 1.0:
-            candidates.append("bf16")
+    if requested not in PRECISIONS:
+        raise DataError(f"{key} = {requested!r} is not one of {PRECISIONS}; fix {key}.")
+    ok = device_precisions(device_type, bf16)
+    if requested == "auto":
+        return "bf16" if "bf16" in ok else "fp32"
+    if requested not in ok:
+        if requested == "int8":
+            why = "int8 kernels run on the CPU only"
+        elif device_type == "cpu":
+            why = "this CPU has no native bf16 matmul (AVX512-BF16 / AMX), where bf16 is emulated ~40-100x slower than fp32"
         else:
-            slower = f"{1 / bf16_gain:.1f}x slower"
-            table["bf16"] = {"status": f"skipped: bf16 matmul is {slower} than fp32 here"}
-    with torch.inference_mode():
-        ref = encoders["fp32"](x)
-        for name in candidates:
-            try:
-                encoders[name] = BUILDERS[name](bundle)
-                cos = float(F.cosine_similarity(encoders[name](x), ref, dim=-1).min())
-            except Exception as exc:  # noqa: BLE001 - an unsupported path is just not chosen
-                table[name] = {"status": f"unavailable: {type(exc).__name__}: {exc}"}
-                continue
-            table[name] = {"min_cosine": cos, "status": "ok" if cos >= MIN_COSINE else "inexact"}
-        timed = [name for name, row in table.items() if row["status"] == "ok"]
-        best_s = dict.fromkeys(timed, float("inf"))
-        for _ in range(reps):
-            for name in timed:
-                start = time.perf_counter()
-                encoders[name](x)
-                best_s[name] = min(best_s[name], time.perf_counter() - start)
-    for name in timed:
-        table[name]["img_per_s"] = len(x) / best_s[name]
-    ref_speed = table["fp32"]["img_per_s"]
-    fast_enough = [n for n in timed if n != "fp32" and table[n]["img_per_s"] >= MIN_SPEEDUP * ref_speed]
-    best = max(fast_enough, key=lambda n: table[n]["img_per_s"], default="fp32")
-    return best, table, encoders[best]
+            why = f"this {device_type} device has no bf16 support (CUDA compute capability < 8.0)"
+        raise DataError(
+            f"{key} = {requested!r} cannot run on this {device_type} device: {why}. It supports "
+            f"{', '.join(ok)} (auto picks {'bf16' if 'bf16' in ok else 'fp32'} here); set {key} to one of them."
+        )
+    return requested
+
+
+def supported_precisions(device: torch.device | str) -> tuple[str, ...]:
+    """``device_precisions`` of this machine's ``device`` (read from CPU flags / CUDA capability)."""
+    device = torch.device(device)
+    return device_precisions(device.type, device_bf16(device))
+
+
+def resolve_precision(requested: str, device: torch.device | str, key: str = "embed.precision") -> str:
+    """``choose_precision`` for this machine's ``device``: the path ``requested`` runs as."""
+    device = torch.device(device)
+    return choose_precision(requested, device.type, device_bf16(device), key)
+
+
+def resolve_device(spec: str, key: str = "embed.device") -> str:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (cuda when this machine has a CUDA device) as a
+    device string; a CUDA device that is not there is a ``DataError`` naming ``key``."""
+    spec = str(spec).strip().lower()
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError) as exc:
+        raise DataError(f"{key} = {spec!r} is not a device; use cpu, cuda, cuda:N or auto.") from exc
+    if device.type not in ("cpu", "cuda"):
+        raise DataError(f"{key} = {spec!r}: the embed stage runs on cpu or cuda; use cpu, cuda, cuda:N or auto.")
+    if device.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0 or (device.index or 0) >= n:
+            raise DataError(f"{key} = {spec!r}, but this machine has {n} CUDA device(s); set {key}: cpu (or auto).")
+    return str(device)
+
+
+def check_decode(decode: str, decoder: ImageDecoder, key: str = "embed.decode") -> None:
+    """``decode`` is one of DECODERS, and ``gpu`` only with a transform it reproduces."""
+    if decode not in DECODERS:
+        raise DataError(f"{key} = {decode!r} is not one of {DECODERS}; fix {key}.")
+    if decode == "gpu" and decoder.device_plan() is None:
+        raise DataError(
+            f"{key} = gpu reproduces the usual CLIP preprocess (Resize short side -> CenterCrop -> "
+            f"Normalize) only, and this model's is {decoder.preprocess}; set {key}: cpu."
+        )
+
+
+def decode_workers(requested: int | str, device: torch.device | str, cpus: int | None = None) -> int:
+    """Decode threads: ``requested``, or for ``auto`` sized to the machine: on a GPU every core
+    but one (up to 16: the GPU waits on decoding), on the CPU 2 (the model needs the cores)."""
+    if requested == "auto":
+        cpus = cpus or os.cpu_count() or 1
+        return max(1, min(16, cpus - 1)) if torch.device(device).type != "cpu" else min(2, cpus)
+    if not isinstance(requested, int) or isinstance(requested, bool) or requested < 0:
+        raise DataError(f"embed.num_workers = {requested!r}: use an integer >= 0 or auto.")
+    return requested
 
 
 # --------------------------------------------------------------------------- image cache
@@ -519,11 +647,14 @@ def calibrate(
 class CacheRun:
     """One run over an image cache, shared by both engines (this module's and ``ray_engine``).
 
-    Opening it validates the items, hashes their files, opens the cache (wiping it on a new
-    fingerprint, dropping bad chunks and stale rows) and lists the ``pending`` items. The
-    engine then calls :meth:`start` once the precision path is known (``meta.json`` is
-    written before any chunk), :meth:`add` for each embedded batch (rows are written in
-    chunks of ``chunk_rows``, each atomically) and :meth:`report` at the end.
+    Opening it checks the arguments, validates the items, hashes their files, opens the cache
+    (wiping it on a new fingerprint, dropping bad chunks and stale rows) and lists the
+    ``pending`` items. ``used`` is the precision path already resolved for the device that
+    will run the model (``resolve_precision``); with ``device_type`` and ``decode`` it is part
+    of the fingerprint, so a cache written by another path is re-embedded, not mixed. The
+    engine then calls :meth:`start` (``meta.json`` is written before any chunk), :meth:`add`
+    for each embedded batch (rows are written in chunks of ``chunk_rows``, each atomically)
+    and :meth:`report` at the end.
     """
 
     def __init__(
@@ -533,26 +664,30 @@ class CacheRun:
         out_dir: str | os.PathLike,
         *,
         precision: str,
+        used: str,
+        device_type: str,
+        decode: str = "cpu",
         fingerprint: dict[str, Any] | None,
         chunk_rows: int,
         num_workers: int,
     ) -> None:
         self.started = time.perf_counter()
-        if precision not in PRECISIONS:
+        if precision not in PRECISIONS or used not in BUILDERS:
             raise DataError(f"precision {precision!r} is not one of {PRECISIONS}; fix embed.precision.")
+        if decode not in DECODERS:
+            raise DataError(f"embed.decode = {decode!r} is not one of {DECODERS}; fix embed.decode.")
         if chunk_rows < 1 or num_workers < 0:
             raise DataError("embed: batch_size and chunk_rows must be >= 1, num_workers >= 0.")
         self.items = [(str(image_id), str(path)) for image_id, path in items]
         _check_items(self.items)
         self.out_dir, self.chunk_rows, self.precision = out_dir, chunk_rows, precision
-        self.fp = normalise_fingerprint({**bundle.fingerprint(), **(fingerprint or {}), "precision": precision})
-        self.hashes = file_hashes([path for _, path in self.items], num_workers)
+        self.used, self.device_type, self.decode = used, device_type, decode
+        path = {"precision": used, "device": device_type, "decode": decode}
+        self.fp = normalise_fingerprint({**bundle.fingerprint(), **(fingerprint or {}), **path})
+        self.hashes = file_hashes([p for _, p in self.items], num_workers)
         self.state = open_cache(out_dir, self.fp, wanted={i: self.hashes[p] for i, p in self.items})
         self.pending = [item for item in self.items if item[0] not in self.state.done]
         self.meta = self.state.meta
-        # the precision path of a resumed cache, or the requested one (None: auto, not yet chosen)
-        self.used: str | None = precision if precision != "auto" else (self.meta or {}).get("precision_used")
-        self.calibration: dict[str, Any] | None = (self.meta or {}).get("calibration")
         self.skipped: list[dict[str, str]] = []
         self.n_now = 0
         self._path_of = dict(self.pending)
@@ -560,11 +695,13 @@ class CacheRun:
         self._ids: list[str] = []
         self._emb: list[np.ndarray] = []
 
-    def start(self, used: str, calibration: dict[str, Any] | None) -> None:
-        """The precision path is chosen: record it in ``meta.json`` (a new cache only)."""
-        self.used, self.calibration = used, calibration
+    def _new_meta(self) -> dict[str, Any]:
+        return {"fingerprint": self.fp, "precision_used": self.used, "device": self.device_type, "decode": self.decode}
+
+    def start(self) -> None:
+        """Record the path in ``meta.json`` (a new cache only), before any chunk."""
         if self.meta is None:
-            self.meta = {"fingerprint": self.fp, "precision_used": used, "calibration": calibration}
+            self.meta = self._new_meta()
             write_meta(self.out_dir, self.meta)
 
     def add(self, ids: Sequence[str], emb: np.ndarray) -> None:
@@ -592,7 +729,7 @@ class CacheRun:
         if self._ids:
             self._flush(len(self._ids))
         if self.meta is None:  # nothing was embedded this run: still mark the directory as a cache
-            write_meta(self.out_dir, {"fingerprint": self.fp, "precision_used": self.used, "calibration": self.calibration})
+            self.start()
         items, skipped = self.items, self.skipped
         if items and len(skipped) == len(items):
             raise DataError(
@@ -614,7 +751,8 @@ class CacheRun:
             "img_per_s": self.n_now / loop_s if self.n_now and loop_s > 0 else None,
             "precision": self.used,
             "precision_requested": self.precision,
-            "calibration": self.calibration,
+            "device": self.device_type,
+            "decode": self.decode,
             **extra,
             "cache_wiped": state.wiped,
             "seconds": time.perf_counter() - self.started,
@@ -627,69 +765,99 @@ def embed_images(
     out_dir: str | os.PathLike,
     *,
     batch_size: int = 64,
-    num_workers: int = 2,
+    num_workers: int | str = 2,
     chunk_rows: int = 512,
     precision: str = "auto",
+    decode: str = "cpu",
     fingerprint: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Embed ``items`` ((image_id, path) pairs) into the chunked Parquet cache ``out_dir``.
 
-    Incremental within one fingerprint (the bundle's model/weights/embed_dim, ``precision``
-    and the caller's ``fingerprint``): a cached row is reused while its image id is in
-    ``items`` and its file has the same SHA-256, so a killed run resumes and a grown or
-    edited manifest embeds only its new or changed images. A different fingerprint wipes
-    the cache. Unreadable images are skipped and listed in the report.
+    The model runs where ``bundle.device`` is. ``precision`` is resolved for that device by
+    :func:`resolve_precision` before any image is read (``auto``: bf16 where the device has
+    it natively, else fp32). ``decode``: ``cpu`` (PIL in ``num_workers`` threads) or ``gpu``
+    (the threads read bytes; the batch is decoded, resized and cropped on ``bundle.device``
+    by ``pipelines.images.decode_batch``, with PIL as the fallback for other formats).
+    ``num_workers``: an integer, or ``auto`` (:func:`decode_workers`).
+
+    Incremental within one fingerprint (the bundle's model/weights/embed_dim, the path used:
+    precision, device type and decode, and the caller's ``fingerprint``): a cached row is
+    reused while its image id is in ``items`` and its file has the same SHA-256, so a killed
+    run resumes and a grown or edited manifest embeds only its new or changed images. A
+    different fingerprint wipes the cache. Unreadable images are skipped and listed in the
+    report.
 
     Returns:
         A report: n_total, n_embedded_now, n_resumed (rows reused), n_changed (re-embedded
         because the file changed), n_removed (dropped: no longer in ``items``), bad_chunks
         (deleted for a checksum mismatch, then recomputed), n_skipped, skipped (image_id,
-        path, error), img_per_s, precision (the path used), calibration, seconds.
+        path, error), img_per_s, precision (the path used), precision_requested, device,
+        decode, setup_s, seconds.
 
     Raises:
-        DataError: bad arguments, duplicate ids, the image directory is missing, or every
-            image failed to load.
+        DataError: bad arguments (a precision or decode the device cannot run: before any
+            image is read), duplicate ids, the image directory is missing, or every image
+            failed to load.
     """
     if batch_size < 1:
         raise DataError("embed: batch_size and chunk_rows must be >= 1, num_workers >= 0.")
-    run = CacheRun(
-        bundle, items, out_dir, precision=precision, fingerprint=fingerprint, chunk_rows=chunk_rows,
-        num_workers=num_workers,
-    )
+    device = torch.device(bundle.device)
+    used = resolve_precision(precision, device)
     decoder = ImageDecoder(bundle.preprocess)
-    encoder: Encoder | None = None
-    calib_s = setup_s = 0.0
+    check_decode(decode, decoder)
+    workers = decode_workers(num_workers, device)
+    run = CacheRun(
+        bundle, items, out_dir, precision=precision, used=used, device_type=device.type, decode=decode,
+        fingerprint=fingerprint, chunk_rows=chunk_rows, num_workers=workers,
+    )
     bar = tqdm(total=len(run.pending), unit="img", desc="embed images", disable=not progress)
+    t = time.perf_counter()
+    encoder = BUILDERS[used](bundle) if run.pending else None
+    run.start()
+    setup_s = time.perf_counter() - t
     loop_start = time.perf_counter()
-    for batch in decoded_batches(run.pending, decoder, batch_size, num_workers):
+    plan = decoder.device_plan() if decode == "gpu" else None
+    source = _ByteDecoder(plan, device, decoder) if plan else decoder
+    for batch in decoded_batches(run.pending, source, batch_size, workers):
+        if plan:  # decode the batch's bytes on the device; files it cannot decode are skipped
+            batch = source.finish(batch)
         run.skipped.extend(batch.failed)
         bar.update(len(batch.failed))
         if not batch.ids:
             continue
-        x = decoder.collate(batch.images).to(bundle.device)
-        if encoder is None:
-            t = time.perf_counter()
-            if run.used is None:
-                used, calibration, encoder = calibrate(bundle, x[:CALIB_IMAGES])
-                calib_s = time.perf_counter() - t
-                log.info("precision auto -> %s (%s)", used, calibration)
-                run.start(used, calibration)
-            else:
-                encoder = BUILDERS[run.used](bundle)
-                run.start(run.used, run.calibration)
-            setup_s = time.perf_counter() - t
+        x = batch.images if plan else decoder.collate(batch.images, device)
         with torch.inference_mode():
             run.add(batch.ids, encoder(x).cpu().numpy())
         bar.update(len(batch.ids))
-    loop_s = time.perf_counter() - loop_start - setup_s  # excludes calibration, path set-up
+    loop_s = time.perf_counter() - loop_start
     bar.close()
-    return run.report(
-        loop_s,
-        engine="local",
-        calibration_s=calib_s,
-        setup_s=setup_s,  # calibration + building the chosen path (excluded from img_per_s)
-    )
+    return run.report(loop_s, engine="local", num_workers=workers, setup_s=setup_s)  # set-up: building the path
+
+
+class _ByteDecoder:
+    """``decode="gpu"``: workers read the files' bytes (``load``); ``finish`` decodes a batch
+    on the device (``pipelines.images.decode_images``) and normalises it there."""
+
+    def __init__(self, plan: tuple[int, tuple[int, int], str], device: torch.device, decoder: ImageDecoder) -> None:
+        self.plan, self.device, self.decoder = plan, device, decoder
+
+    def load(self, path: str) -> torch.Tensor:
+        return read_bytes(path)
+
+    def finish(self, batch: Batch) -> Batch:
+        from pipelines.images import decode_images, resize_center_crop
+
+        resize, crop, interpolation = self.plan
+        images, errors = decode_images(batch.images, self.device)
+        ok = [i for i, im in enumerate(images) if im is not None]
+        failed = list(batch.failed) + [
+            {"image_id": batch.ids[i], "path": batch.paths[i], "error": str(errors[i])} for i in range(len(images)) if images[i] is None
+        ]
+        x = None
+        if ok:
+            x = self.decoder.normalise_uint8(resize_center_crop([images[i] for i in ok], resize, crop, interpolation))
+        return Batch([batch.ids[i] for i in ok], x, failed, [batch.paths[i] for i in ok])
 
 
 def file_hashes(paths: Sequence[str], num_workers: int) -> dict[str, str | None]:
@@ -798,9 +966,12 @@ def _trim_matches(model: torch.nn.Module, tokens: torch.Tensor) -> bool:
 
 
 __all__ = [
+    "DECODERS",
     "PRECISIONS",
     "ImageDecoder",
-    "calibrate",
+    "choose_precision",
+    "resolve_device",
+    "resolve_precision",
     "embed_images",
     "embed_texts",
     "read_image_embeddings",

@@ -18,9 +18,10 @@ fingerprint is the same as the local engine's, so either engine resumes the othe
 
 Numerics: the actors run the driver's model, shipped once through the object store (every
 actor has the very same weights; no node downloads any), with the collate and encoders of
-``encode`` (``BUILDERS``) on the precision path the cache records. ``auto`` is calibrated
-once, in a Ray task with one actor's resources (so on the actors' kind of device), and
-recorded before any chunk, so one cache never mixes paths. fp32 embeddings equal the local
+``encode`` (``BUILDERS``), one actor per GPU when ``gpus_per_actor: 1``. The precision path
+is ``encode.choose_precision`` for the actors' device, read (not timed) by one small Ray
+task with one actor's resources (device type, native bf16), before any image is read; it
+is part of the cache's fingerprint, as in the local engine. fp32 embeddings equal the local
 engine's to float tolerance (batches are composed differently, which moves the last bits);
 int8 quantises activations per batch, so there the two agree at the int8 noise level
 (cosine ~0.9997), as a resumed local run does.
@@ -47,7 +48,8 @@ from tqdm.auto import tqdm
 
 from pipelines.config import EmbedRayParams
 from pipelines.embed.clip import ClipBundle
-from pipelines.embed.encode import BUILDERS, CALIB_IMAGES, CacheRun, ImageDecoder, calibrate
+from pipelines.embed.encode import BUILDERS, CacheRun, ImageDecoder, choose_precision
+from pipelines.hardware import device_bf16
 from pipelines.io import DataError
 
 log = logging.getLogger(__name__)
@@ -169,7 +171,7 @@ class ClipActor:
         ok = batch["error"] == ""
         emb = np.zeros((len(ok), self.dim), dtype=np.float32)
         if ok.any():
-            x = self.decoder.collate(list(batch["image"][ok])).to(self.device)
+            x = self.decoder.collate(list(batch["image"][ok]), self.device)  # pinned, non-blocking on a GPU
             with torch.inference_mode():
                 emb[ok] = self.encode(x).cpu().numpy()
         seconds = np.full(len(ok), (time.perf_counter() - start) / max(1, len(ok)))
@@ -177,12 +179,13 @@ class ClipActor:
                 "decode_s": batch["decode_s"], "encode_s": seconds}
 
 
-def _calibrate_task(bundle: ClipBundle, images: list[np.ndarray], use_gpu: bool, threads: int) -> tuple[str, dict[str, Any]]:
-    """Ray task with one actor's resources: ``calibrate`` on that kind of device."""
-    bundle = on_actor_device(bundle, use_gpu, threads)
-    x = ImageDecoder(bundle.preprocess).collate(images).to(bundle.device)
-    used, table, _ = calibrate(bundle, x)
-    return used, table
+def _device_task(use_gpu: bool) -> tuple[str, bool]:
+    """Ray task with one actor's resources: the actors' device type and whether it has native
+    bf16 (CPU flags / CUDA capability, never a timing)."""
+    if use_gpu and not torch.cuda.is_available():
+        raise DataError(f"{KEY}.gpus_per_actor > 0, but a Ray worker given a GPU sees no CUDA device; check the node's driver.")
+    device = "cuda" if use_gpu else "cpu"
+    return device, device_bf16(device)
 
 
 def embed_images_ray(
@@ -193,6 +196,7 @@ def embed_images_ray(
     *,
     chunk_rows: int = 512,
     precision: str = "auto",
+    decode: str = "cpu",
     fingerprint: dict[str, Any] | None = None,
     num_workers: int = 2,
     progress: bool = True,
@@ -212,59 +216,52 @@ def embed_images_ray(
     check_ray_params(params, source)
     start_ray(params)
     check_resources(params, source)  # in seconds, before the files are hashed
-    run = CacheRun(
-        bundle, items, out_dir, precision=precision, fingerprint=fingerprint, chunk_rows=chunk_rows,
-        num_workers=num_workers,
-    )
-    if not run.pending:
-        return run.report(0.0, engine="ray", actors=params.actors, calibration_s=0.0, setup_s=0.0)
+    if decode != "cpu":
+        raise DataError(f"{source}: embed.decode = {decode!r}: the ray engine decodes on the CPU (its decode tasks); "
+                        f"set embed.decode: cpu, or embed.engine: local for GPU decoding.")
     t0 = time.perf_counter()
     threads, use_gpu = max(1, int(params.cpus_per_actor)), params.gpus_per_actor > 0
     resources = {"num_cpus": params.cpus_per_actor, "num_gpus": params.gpus_per_actor or None}
+    device_type, bf16 = ray.get(ray.remote(**resources)(_device_task).remote(use_gpu))
+    used = choose_precision(precision, device_type, bf16)  # before any image is read
+    run = CacheRun(
+        bundle, items, out_dir, precision=precision, used=used, device_type=device_type, decode=decode,
+        fingerprint=fingerprint, chunk_rows=chunk_rows, num_workers=num_workers,
+    )
+    run.start()
+    setup_s = time.perf_counter() - t0
+    if not run.pending:
+        return run.report(0.0, engine="ray", actors=params.actors, setup_s=setup_s)
+    t0 = time.perf_counter()
     shipped = ray.put(dataclasses.replace(bundle, tokenizer=None))  # the model, once, for every actor
     decoder = ImageDecoder(bundle.preprocess)
     probe = np.asarray(decoder.transform(Image.new("RGB", (256, 256))))  # the model input's shape
 
-    if run.used is None:  # auto on a new cache: calibrate once, where the actors will run
-        sample = _first_decodable(run.pending, decoder, CALIB_IMAGES)
-        if sample:
-            task = ray.remote(**resources)(_calibrate_task)
-            used, table = ray.get(task.remote(shipped, sample, use_gpu, threads))
-            log.info("precision auto -> %s (%s)", used, table)
-            run.start(used, table)
-    else:
-        run.start(run.used, run.calibration)
-    calib_s = time.perf_counter() - t0
-
     bar = tqdm(total=len(run.pending), unit="img", desc="embed images (ray)", disable=not progress)
     first: float | None = None  # when the first batch came back
     busy = [0.0, 0.0]  # seconds the decode tasks and the actors spent on the batches, all together
-    if run.used is not None:
-        with _data_context():  # active when the dataset is made: it keeps a copy
-            ds = _pipeline(run.pending, shipped, bundle.preprocess, run.used, probe, params, (use_gpu, threads), resources)
-            for out in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-                if first is None:  # actors started, first batch through
-                    first = time.perf_counter()
-                busy[0] += float(out["decode_s"].sum())
-                busy[1] += float(out["encode_s"].sum())
-                failed = out["error"] != ""
-                for image_id, path, error in zip(out["image_id"][failed], out["path"][failed], out["error"][failed]):
-                    run.skipped.append({"image_id": str(image_id), "path": str(path), "error": str(error)})
-                ids = [str(i) for i in out["image_id"][~failed]]
-                if ids:
-                    run.add(ids, out["embedding"][~failed])
-                bar.update(len(failed))  # every row of the batch
-    else:  # no image could be decoded at all: the report says so
-        run.skipped.extend(_failures(run.pending, decoder))
+    with _data_context():  # active when the dataset is made: it keeps a copy
+        ds = _pipeline(run.pending, shipped, bundle.preprocess, run.used, probe, params, (use_gpu, threads), resources)
+        for out in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+            if first is None:  # actors started, first batch through
+                first = time.perf_counter()
+            busy[0] += float(out["decode_s"].sum())
+            busy[1] += float(out["encode_s"].sum())
+            failed = out["error"] != ""
+            for image_id, path, error in zip(out["image_id"][failed], out["path"][failed], out["error"][failed]):
+                run.skipped.append({"image_id": str(image_id), "path": str(path), "error": str(error)})
+            ids = [str(i) for i in out["image_id"][~failed]]
+            if ids:
+                run.add(ids, out["embedding"][~failed])
+            bar.update(len(failed))  # every row of the batch
     bar.close()
-    loop_s = time.perf_counter() - t0 - calib_s  # the pipeline, actor start-up included
+    loop_s = time.perf_counter() - t0  # the pipeline, actor start-up included
     return run.report(
         loop_s,
         engine="ray",
         actors=params.actors,
-        calibration_s=calib_s,
-        setup_s=calib_s,  # the auto calibration task (excluded from img_per_s)
-        first_batch_s=None if first is None else first - t0 - calib_s,  # actor start-up + the first batch
+        setup_s=setup_s,  # the device-features task and opening the cache (excluded from img_per_s)
+        first_batch_s=None if first is None else first - t0,  # actor start-up + the first batch
         decode_busy_s=busy[0],  # summed over the decode tasks (fused into the actors when both ask the same resources)
         encode_busy_s=busy[1],  # summed over the actors
     )
@@ -314,25 +311,3 @@ def _data_context() -> Iterator[None]:
         yield
     finally:
         ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start = saved
-
-
-def _first_decodable(pending: list[tuple[str, str]], decoder: ImageDecoder, n: int) -> list[Any]:
-    out = []
-    for _, path in pending:
-        try:
-            out.append(decoder.load(path))
-        except Exception:  # noqa: BLE001 - the pipeline reports it
-            continue
-        if len(out) == n:
-            break
-    return out
-
-
-def _failures(pending: list[tuple[str, str]], decoder: ImageDecoder) -> list[dict[str, str]]:
-    out = []
-    for image_id, path in pending:
-        try:
-            decoder.load(path)
-        except Exception as exc:  # noqa: BLE001
-            out.append({"image_id": image_id, "path": path, "error": f"{type(exc).__name__}: {exc}"})
-    return out
