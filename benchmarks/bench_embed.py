@@ -46,7 +46,9 @@ from tqdm.auto import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipelines.embed import embed_images, load_clip, read_image_embeddings  # noqa: E402
+from pipelines.embed.cache import read_image_embeddings  # noqa: E402
+from pipelines.embed.clip import load_clip  # noqa: E402
+from pipelines.embed.encode import embed_images  # noqa: E402
 from pipelines.hardware import bf16_matmul_speedup  # noqa: E402
 
 PHOTOS = [

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from pipelines.embed import embed_images, load_clip  # the code on PYTHONPATH, imported first
+from pipelines.embed.clip import load_clip  # the code on PYTHONPATH, imported first
+from pipelines.embed.encode import embed_images
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_embed import make_images  # noqa: E402

@@ -40,7 +40,9 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.bench_embed import wait_for_idle  # noqa: E402
 from pipelines.config import EmbedRayParams  # noqa: E402
 from pipelines.data.demo import generate_demo  # noqa: E402
-from pipelines.embed import embed_images, load_clip, read_image_embeddings  # noqa: E402
+from pipelines.embed.cache import read_image_embeddings  # noqa: E402
+from pipelines.embed.clip import load_clip  # noqa: E402
+from pipelines.embed.encode import embed_images  # noqa: E402
 from pipelines.embed.ray_engine import embed_images_ray, start_ray  # noqa: E402
 
 

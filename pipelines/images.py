@@ -48,6 +48,16 @@ def to_tensor(im: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
 
 
+def pad_box(width: int, height: int, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Where a ``width`` x ``height`` image lands on a ``size`` (h, w) canvas when fitted inside with its
+    aspect ratio kept and centred: (x0, y0, x1, y1), end exclusive."""
+    h, w = size
+    s = min(w / width, h / height)
+    nw, nh = max(1, round(width * s)), max(1, round(height * s))
+    x0, y0 = (w - nw) // 2, (h - nh) // 2
+    return x0, y0, x0 + nw, y0 + nh
+
+
 def image_tensor(im: Image.Image, size: tuple[int, int], mode: str = "resize") -> torch.Tensor:
     """An RGB PIL image as a float tensor (3, h, w) in [0, 1]. ``resize``: to exactly h x w; ``pad``:
     fit inside, keep the aspect ratio, centre on a constant (black) canvas; ``short_side``: keep
@@ -60,8 +70,6 @@ def image_tensor(im: Image.Image, size: tuple[int, int], mode: str = "resize") -
         k = h / min(im.width, im.height)
         im = im.resize((max(1, round(im.width * k)), max(1, round(im.height * k))), Image.BILINEAR)
     elif mode == "pad":
-        from pipelines.models.augment import pad_box
-
         x0, y0, x1, y1 = pad_box(im.width, im.height, size)
         canvas = Image.new("RGB", (w, h), (0, 0, 0))
         canvas.paste(im.resize((x1 - x0, y1 - y0), Image.BILINEAR), (x0, y0))

@@ -23,14 +23,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipelines.embed import (
-    embed_images,
-    embed_texts,
-    load_clip,
-    read_image_embeddings,
-    read_text_embeddings,
-    write_text_embeddings,
-)
+from pipelines.embed.cache import read_image_embeddings, read_text_embeddings, write_text_embeddings
+from pipelines.embed.clip import load_clip
+from pipelines.embed.encode import embed_images, embed_texts
 from pipelines.embed import clip as clip_mod
 from pipelines.embed.cache import file_sha256, list_parts
 from pipelines.embed.encode import (
@@ -394,7 +389,8 @@ def test_resume_after_sigkill(checkpoint: Path, photos, tmp_path: Path) -> None:
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(f"""
         import time
-        from pipelines.embed import embed_images, load_clip
+        from pipelines.embed.clip import load_clip
+        from pipelines.embed.encode import embed_images
         bundle = load_clip({TINY!r}, {str(checkpoint)!r})
         bundle.model.visual.register_forward_pre_hook(lambda *a: time.sleep(0.15))  # slow it down
         embed_images(bundle, {photos!r}, {str(killed_dir)!r}, progress=False, **{kw!r})

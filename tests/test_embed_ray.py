@@ -15,7 +15,9 @@ import torch
 
 from pipelines.config import EmbedRayParams, params_from_dict
 from pipelines.data.demo import generate_demo
-from pipelines.embed import embed_images, load_clip, read_image_embeddings
+from pipelines.embed.cache import read_image_embeddings
+from pipelines.embed.clip import load_clip
+from pipelines.embed.encode import embed_images
 from pipelines.embed.cache import list_parts, read_meta
 from pipelines.embed.ray_engine import check_ray_params, embed_images_ray
 from pipelines.io import DataError

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from pipelines.images import pad_box  # noqa: F401 (re-exported)
 from pipelines.models.corner_grid import corner_grid
 
 CROP_RATIO = 256 / 224  # seed 003: resize to 256 x 256, random crop 224 x 224
@@ -29,16 +30,6 @@ def crops_in(stage: int, mode: str, crop: str) -> bool:
     if crop not in ("off", "random"):
         raise ValueError(f"crop must be 'off' or 'random' (auto resolved by the family), got {crop!r}")
     return crop == "random" and stage == 1 and mode == "resize"
-
-
-def pad_box(width: int, height: int, size: tuple[int, int]) -> tuple[int, int, int, int]:
-    """Where a ``width`` x ``height`` image lands on a ``size`` (h, w) canvas when fitted inside with its
-    aspect ratio kept and centred: (x0, y0, x1, y1), end exclusive."""
-    h, w = size
-    s = min(w / width, h / height)
-    nw, nh = max(1, round(width * s)), max(1, round(height * s))
-    x0, y0 = (w - nw) // 2, (h - nh) // 2
-    return x0, y0, x0 + nw, y0 + nh
 
 
 def random_crop(x: torch.Tensor, size: tuple[int, int], frac: torch.Tensor) -> torch.Tensor:
