@@ -85,7 +85,8 @@ def main() -> None:
     from pipelines.ranking.cr_features import encoder_from_state, image_paths, write_cr_features
     from pipelines.train.data import load_features, load_matcher
     from pipelines.heads.build import predict_logits
-    from pipelines.train.loops import pretrain_loop, supervised_loop
+    from pipelines.heads.train import supervised_loop
+from pipelines.ranking.pretrain import pretrain_loop
     from pipelines.train.runner import run_training
     from stages.common import FEATURES, IMAGE_EMB, TAG_EMB
     from stages.pretrain import pretrain_config

@@ -46,10 +46,10 @@ def main() -> None:
     from pipelines.config import TrainParams, as_dict, load_params
     from pipelines.metrics import evaluate
     from pipelines.ranking.cr_features import encoder_from_state, image_paths, write_cr_features
-    from pipelines.ranking.finetune import FineTuneModel, finetune_loop, tuned_encoder
+    from pipelines.heads.finetune import FineTuneModel, finetune_loop, tuned_encoder
     from pipelines.train.data import load_features, load_matcher
     from pipelines.heads.build import head_from_arch, predict_logits
-    from pipelines.train.loops import supervised_loop
+    from pipelines.heads.train import supervised_loop
     from pipelines.train.runner import run_training
 
     torch.set_num_threads(args.threads)

@@ -30,7 +30,7 @@ from pipelines.images import batch_loader, to_device, view_batch  # noqa: E402
 from pipelines.ranking.backbone import ImageCREncoder  # noqa: E402
 from pipelines.ranking.encoder import CREncoder  # noqa: E402
 from pipelines.ranking.loss import traversal_contrastive_loss  # noqa: E402
-from pipelines.train.loops import amp_dtype  # noqa: E402
+from pipelines.train.precision import resolve_precision  # noqa: E402
 
 
 def write_images(folder: Path, n: int, side: int, seed: int = 0) -> list[str]:
@@ -56,7 +56,7 @@ def time_image(paths, backbone: str, size: int, resize: int, batch: int, steps: 
     torch.manual_seed(0)
     enc = ImageCREncoder(backbone, 512, 128, 0.1, image_size=size, resize=resize).to(device).train()
     opt = torch.optim.AdamW(enc.parameters(), lr=1e-4)
-    dtype = amp_dtype(precision, device)
+    dtype = resolve_precision(precision, device, key="pretrain.image.precision").dtype
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     rng = np.random.default_rng(0)
     bins = torch.arange(batch, device=device) % 7

@@ -59,7 +59,8 @@ from pipelines.tags.library import build_tag_library  # noqa: E402
 from pipelines.embed.cache import write_chunk, write_meta, write_text_embeddings  # noqa: E402
 from pipelines.train.data import embedding_files, load_features, write_features_table  # noqa: E402
 from pipelines.heads.build import load_head, predict_logits  # noqa: E402
-from pipelines.train.loops import pretrain_loop, supervised_loop  # noqa: E402
+from pipelines.heads.train import supervised_loop
+from pipelines.ranking.pretrain import pretrain_loop  # noqa: E402
 from pipelines.train.runner import run_training  # noqa: E402
 
 LOCAL = TrainParams(num_workers=0, use_gpu=False, cpus_per_worker=1)

@@ -225,7 +225,7 @@ def mlp_elta(d: BenchData, seed: int, head, pseudo_search, selftrain, epochs: in
     from pipelines.heads.losses import flsa_loss
     from pipelines.heads.tfa import tfa_mix
     from pipelines.selftrain.apds import apds_sharpen, grid_search, select_pseudo_labels
-    from pipelines.selftrain.unlabeled import unlabeled_loss
+    from pipelines.heads.unlabeled import unlabeled_loss
 
     torch.manual_seed(seed)
     tr, va, te, un = (d.split == s for s in ("train", "val", "test", "unlabeled"))

@@ -124,6 +124,10 @@ class ImageEncoderParams:
     precision: str = "auto"  # auto (CUDA: bf16 where supported, else fp16 + GradScaler; CPU: fp32) | fp32 | bf16 | fp16
     loader_workers: int = 2  # decode processes per Ray worker
     batch_size: int = 64  # images per forward pass when writing the CR-feature cache
+    # GPU speed options (pipelines.train.precision); ignored on CPU, where the numerics stay as they are
+    channels_last: bool = True  # NHWC convolutions on CUDA
+    fused_optimizer: bool = True  # fused AdamW on CUDA
+    compile: bool = False  # torch.compile the model (opt-in: minutes of compile time; reported as compile_s)
 
 
 @dataclass(frozen=True)
@@ -264,6 +268,8 @@ class ModelParams:
     stage2_size: list[int] = field(default_factory=lambda: [248, 312])  # [h, w]
     stage2_from: int = 1  # three_stage without AMP: first stage-2 epoch
     stage3_epochs: int = 1  # three_stage: last epochs back at image_size
+    loader_workers: int = 2  # decode processes per Ray worker
+    channels_last: bool = True  # CUDA only: NHWC convolutions
     amp: AmpParams = field(default_factory=AmpParams)
     mnet: MnetParams = field(default_factory=MnetParams)
     aesaf: AesafParams = field(default_factory=AesafParams)

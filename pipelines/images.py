@@ -1,7 +1,7 @@
 """The one image path of the project: decode, resize / augment, and a parallel batch loader.
 
 Both pixel trainers read images through here: the image families of ``pipelines.models``
-(``image_loop``) and the image E_CR (``pipelines.train.loops``), as do the scoring models.
+(``image_loop``) and the image E_CR (``pipelines.ranking.pretrain``), as do the scoring models.
 
 - ``open_image`` / ``image_tensor`` / ``load_image``: decode a file to an RGB float tensor
   (3, h, w) in [0, 1]; an unreadable file is a ``DataError`` naming it.

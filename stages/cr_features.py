@@ -31,7 +31,7 @@ def state_cr_input(state: dict) -> Path:
     if (tuned := state.get("cr_backbone")) is None:
         return cr_input_path(state["arch"].get("cr_input"))
     from pipelines.embed.cache import read_meta
-    from pipelines.ranking.finetune import tuned_fingerprint
+    from pipelines.heads.finetune import tuned_fingerprint
 
     held = ((read_meta(TUNED_CR_FEATURES) or {}).get("fingerprint") or {}).get("weights")
     if held != tuned_fingerprint(tuned):

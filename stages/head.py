@@ -5,11 +5,13 @@ import shutil
 
 from pipelines.config import as_dict
 from pipelines.io import DataError, load_torch, write_json
-from pipelines.ranking.finetune import finetune_images, finetune_loop, tuned_encoder
+from pipelines.heads.finetune import finetune_images, finetune_loop, tuned_encoder
 from pipelines.ranking.backbone import cr_card
 from pipelines.ranking.encoder import LAYERS as CR_LAYERS
 from pipelines.train.data import embedding_files, load_features
-from pipelines.train.loops import HEAD_LOSSES, supervised_loop
+from pipelines.heads.build import HEAD_LOSSES
+from pipelines.heads.train import supervised_loop
+from stages.pretrain import check_device_options
 from stages.common import FEATURES, IMAGE_EMB, MANIFEST, MODELS, TAG_EMB, cli, params
 from stages.cr_features import CR_ENCODER, TUNED_CR_FEATURES, cache_features, cr_input_path
 from stages.training import train_stage
@@ -67,13 +69,15 @@ def main() -> None:
 
 
 def fine_tune(p, config: dict) -> None:
-    """The image E_CR fine-tuned with the head on pixels (``pipelines.ranking.finetune``), then
+    """The image E_CR fine-tuned with the head on pixels (``pipelines.heads.finetune``), then
     the tuned backbone's features of every image cached for the stages after the head."""
     img = p.pretrain.image
     if not p.head.backbone_lr >= 0:
         raise DataError(f"params.yaml: head.backbone_lr = {p.head.backbone_lr!r}; give a learning rate >= 0 (0 freezes the backbone).")
     config.update(embeddings_path=None, manifest_path=MANIFEST, root=os.getcwd(), backbone_lr=p.head.backbone_lr,
-                  image={k: getattr(img, k) for k in ("hflip", "precision", "loader_workers", "batch_size")})
+                  image={k: getattr(img, k) for k in ("hflip", "precision", "loader_workers", "batch_size", "channels_last",
+                                       "fused_optimizer", "compile")})
+    check_device_options(config["image"], p.head.ray.use_gpu, "pretrain.image")
     finetune_images(config, load_features(FEATURES, None))  # images missing on disk: a clear error before Ray starts
     state = train_stage("head", finetune_loop, config, p.head.ray, inputs=[FEATURES, MANIFEST, CR_ENCODER, TAG_EMB, *embedding_files(IMAGE_EMB)],
                         model_out=MODELS / "head.pt", cr=cr_of)

@@ -6,11 +6,14 @@
 
 import os
 
+import torch
+
 from pipelines.config import as_dict
 from pipelines.io import DataError
 from pipelines.ranking.backbone import cr_card, create_backbone
 from pipelines.train.data import embedding_files, load_features
-from pipelines.train.loops import ENCODERS, PRECISIONS, pretrain_images, pretrain_loop, steps_of
+from pipelines.ranking.pretrain import ENCODERS, image_speed, pretrain_images, pretrain_loop, steps_of
+from pipelines.train.precision import PRECISIONS, check_speed, resolve_precision
 from stages.common import FEATURES, IMAGE_EMB, INDEX, MANIFEST, MODELS, cli, params
 from stages.training import train_stage
 
@@ -36,12 +39,23 @@ def pretrain_config(p) -> tuple[dict, list]:
         raise DataError(f"params.yaml: pretrain.image.precision = {img.precision!r}; use one of {', '.join(PRECISIONS)}.")
     if not 1 <= img.image_size <= img.resize:
         raise DataError(f"params.yaml: pretrain.image: need 1 <= image_size <= resize, got {img.image_size} and {img.resize}.")
+    check_device_options(as_dict(img), c.ray.use_gpu, "pretrain.image")
     create_backbone(img.backbone, img.weights)  # unknown name, unfit checkpoint, offline hub: a clear error now
     config.update(embeddings_path=None, manifest_path=MANIFEST, root=os.getcwd(), image=as_dict(img), epochs=img.epochs,
                   batches_per_cluster=img.batches_per_cluster)
     pretrain_images({**config, "index_path": str(INDEX)}, load_features(FEATURES, None).split_of("train"))
     weights = [img.weights] if os.path.isfile(img.weights) else []
     return config, [FEATURES, INDEX, MANIFEST, *weights]
+
+
+def check_device_options(img: dict, use_gpu: bool, key: str) -> None:
+    """Refuse, before Ray starts, a precision or speed option that the training device cannot
+    honour (checked here when this machine has that device; the workers check again at start)."""
+    if use_gpu and not torch.cuda.is_available():
+        return  # the GPUs are on the cluster's workers
+    device = torch.device("cuda" if use_gpu else "cpu")
+    resolve_precision(img.get("precision", "auto"), device, key=f"{key}.precision")
+    check_speed(image_speed(img), device, key=key)
 
 
 @cli

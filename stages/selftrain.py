@@ -1,7 +1,7 @@
 """Stage `selftrain`: one round of self-training on labelled + pseudo-labelled data (ELTA eq. 10)."""
 
 from pipelines.io import load_torch
-from pipelines.train.loops import supervised_loop
+from pipelines.heads.train import supervised_loop
 from stages.common import MODELS, PSEUDO, cli, params
 from stages.cr_features import state_cr_input
 from stages.head import cr_of, head_config, input_files

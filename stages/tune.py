@@ -27,11 +27,13 @@ from pathlib import Path
 
 from pipelines.config import Params, read_yaml
 from pipelines.io import DataError, load_torch, write_parquet
-from pipelines.train.loops import pretrain_loop, supervised_loop
+from pipelines.heads.train import supervised_loop
+from pipelines.ranking.pretrain import pretrain_loop
 from pipelines.train.runner import runs_dir
 from pipelines.tune.search import Step, load_space, run_search, trial_table, write_best
 from stages.common import FEATURES, IMAGE_EMB, INDEX, MANIFEST, MODELS, TAG_EMB, cli
 from stages.head import head_config
+from stages.pretrain import pretrain_config
 
 STAGES = ("head", "pretrain", "pseudo", "family")
 
@@ -61,14 +63,10 @@ def head_steps(p: Params, trial_dir: Path, *, root: str) -> list[Step]:
 
 def pretrain_steps(p: Params, trial_dir: Path, *, root: str) -> list[Step]:
     root = Path(root)
-    c = p.pretrain
     cr = str(trial_dir / "cr_encoder.pt")
-    pre = Step("pretrain", pretrain_loop, {
-        "features_path": _abs(root, FEATURES), "embeddings_path": _abs(root, IMAGE_EMB), "index_path": _abs(root, INDEX),
-        "epochs": c.epochs, "lr": c.lr,
-        "weight_decay": c.weight_decay, "tau": c.tau, "hidden": c.hidden, "dim": c.dim, "dropout": c.dropout,
-        "batches_per_cluster": c.batches_per_cluster, "low": p.index.low, "high": p.index.high,
-    }, save_to=cr)
+    config, _ = pretrain_config(p)  # the stage's own config: one builder for the stage and Tune
+    config = {k: _abs(root, v) if k.endswith("_path") and v else v for k, v in config.items()}
+    pre = Step("pretrain", pretrain_loop, config, save_to=cr)
     # the trial trains the embedding E_CR (an MLP spec has no "kind"); its file exists only once the step ran
     return [pre, _head_step(p, root, cr, "tune-pretrain-head", cr_spec={})]
 

@@ -81,7 +81,7 @@ def test_training_job_against_a_local_ray_head(tmp_path):
             from pipelines.ranking.index import build_index
             from pipelines.io import write_parquet
             from pipelines.train.data import embedding_files, load_features
-            from pipelines.train.loops import pretrain_loop
+            from pipelines.ranking.pretrain import pretrain_loop
             from pipelines.train.runner import run_training
             tmp = Path({str(tmp_path)!r})
             train = load_features(tmp / "features.parquet", tmp / "embeddings").split_of("train")

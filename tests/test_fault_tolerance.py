@@ -17,7 +17,7 @@ from pipelines.config import TrainParams
 from pipelines.io import write_parquet
 from pipelines.ranking.index import build_index
 from pipelines.train.data import embedding_files, load_features
-from pipelines.train.loops import pretrain_loop
+from pipelines.ranking.pretrain import pretrain_loop
 from pipelines.train.runner import run_training
 from tests.synthetic import make_features
 

@@ -17,7 +17,7 @@ from pipelines.io import DataError, load_torch
 from pipelines.metrics import dist_to_score
 from pipelines.ranking.backbone import ImageCREncoder
 from pipelines.ranking.cr_features import bundle_cr_encoder, image_paths, write_cr_features
-from pipelines.ranking.finetune import finetune_loop, tuned_encoder, tuned_fingerprint
+from pipelines.heads.finetune import finetune_loop, tuned_encoder, tuned_fingerprint
 from pipelines.train.data import load_features, load_matcher, write_features_table
 from pipelines.heads.build import load_head, predict_logits
 from pipelines.train.runner import run_training
@@ -120,7 +120,7 @@ def test_stages_after_the_head_refuse_a_cache_of_other_weights(tmp_path, monkeyp
 
 
 def test_images_missing_for_the_fine_tune_rows_name_the_files(tmp_path):
-    from pipelines.ranking.finetune import finetune_images
+    from pipelines.heads.finetune import finetune_images
 
     make_image_data(tmp_path)
     feats = load_features(tmp_path / "features.parquet", None)

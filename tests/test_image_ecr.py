@@ -25,7 +25,8 @@ from pipelines.ranking.cr_features import cr_image_features, encoder_from_state,
 from pipelines.ranking.index import build_index
 from pipelines.embed.cache import read_image_embeddings, write_text_embeddings
 from pipelines.train.data import load_features, write_features_table
-from pipelines.train.loops import pretrain_images, pretrain_loop, steps_of, supervised_loop
+from pipelines.heads.train import supervised_loop
+from pipelines.ranking.pretrain import pretrain_images, pretrain_loop, steps_of
 from pipelines.train.runner import run_training
 from tests.synthetic import write_embedding_cache
 
@@ -233,7 +234,7 @@ def test_killed_image_pretraining_resumes_from_its_checkpoint(data):
         import torch
         from pathlib import Path
         from pipelines.config import TrainParams
-        from pipelines.train.loops import pretrain_loop
+        from pipelines.ranking.pretrain import pretrain_loop
         from pipelines.train.runner import run_training
         from tests.test_image_ecr import image_config, inputs
         tmp = Path({str(data)!r})

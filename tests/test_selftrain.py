@@ -193,7 +193,7 @@ def test_unlabeled_loss_is_eq10_mean_over_the_whole_batch():
     import torch
 
     from pipelines.heads.losses import emd_loss
-    from pipelines.selftrain.unlabeled import unlabeled_loss
+    from pipelines.heads.unlabeled import unlabeled_loss
 
     torch.manual_seed(0)
     pool = _pool()
@@ -219,7 +219,7 @@ def test_unlabeled_loss_with_nothing_selected_in_the_batch_is_zero():
     import torch
 
     from pipelines.heads.losses import emd_loss
-    from pipelines.selftrain.unlabeled import unlabeled_loss
+    from pipelines.heads.unlabeled import unlabeled_loss
 
     pool = _pool()
     pool["selected"][:] = False
@@ -228,7 +228,7 @@ def test_unlabeled_loss_with_nothing_selected_in_the_batch_is_zero():
 
 def test_load_pseudo_pool_keeps_every_row_and_the_mask(tmp_path):
     from pipelines.io import write_parquet
-    from pipelines.selftrain.unlabeled import load_pseudo_pool
+    from pipelines.heads.unlabeled import load_pseudo_pool
 
     ids = np.array(["a", "b", "c", "d"], dtype=object)
     clip, emb = np.arange(8, dtype=np.float32).reshape(4, 2), np.arange(12, dtype=np.float32).reshape(4, 3)
@@ -265,7 +265,7 @@ def test_selftrain_loop_averages_l_u_over_the_whole_pool(tmp_path, monkeypatch):
 
     from pipelines.config import TrainParams
     from pipelines.io import write_parquet
-    from pipelines.train.loops import supervised_loop
+    from pipelines.heads.train import supervised_loop
     from pipelines.train.runner import run_training
     from tests.synthetic import make_features
 
@@ -281,7 +281,7 @@ def test_selftrain_loop_averages_l_u_over_the_whole_pool(tmp_path, monkeypatch):
             "cr_path": None, "head": head, "epochs": 1, "lr": 0.0, "seed": 0, "unlabeled_weight": 1.0}
     onehot = np.zeros((len(unl), LEVELS), np.float32)
     onehot[:, 0] = 1.0  # far from any prediction: every selected row has a large loss
-    import pipelines.train.loops as loops
+    import pipelines.heads.train as loops
 
     real, seen = loops.unlabeled_loss, []
     monkeypatch.setattr(loops, "unlabeled_loss", lambda *a, **k: seen.append(real(*a, **k).item()) or torch.tensor(seen[-1]))

@@ -170,8 +170,9 @@ def _recording(loop_name: str):
     def loop(config: dict) -> None:
         import ray.train
 
+        import pipelines.heads.train as head_train
+        import pipelines.ranking.pretrain as pretrain
         import pipelines.train.data as data
-        import pipelines.train.loops as loops
 
         rank, real = ray.train.get_context().get_world_rank(), data.read_embedding_rows
         log = Path(config["read_log"]) / f"{loop_name}-rank{rank}.jsonl"
@@ -181,11 +182,14 @@ def _recording(loop_name: str):
                 fh.write(json.dumps([str(cache), [str(i) for i in image_id]]) + "\n")
             return real(cache, image_id, *a, **k)
 
-        data.read_embedding_rows = loops.read_embedding_rows = recorded
+        modules = (data, head_train, pretrain)
+        for m in modules:
+            m.read_embedding_rows = recorded
         try:
-            getattr(loops, loop_name)(config)
+            {"pretrain_loop": pretrain.pretrain_loop, "supervised_loop": head_train.supervised_loop}[loop_name](config)
         finally:
-            data.read_embedding_rows = loops.read_embedding_rows = real
+            for m in modules:
+                m.read_embedding_rows = real
 
     return loop
 

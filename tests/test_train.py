@@ -15,7 +15,8 @@ from pipelines.metrics import dist_to_score, srcc
 from pipelines.ranking.index import build_index
 from pipelines.train.data import embedding_files, load_features, load_matcher
 from pipelines.heads.build import head_from_arch, predict_logits
-from pipelines.train.loops import pretrain_loop, supervised_loop
+from pipelines.heads.train import supervised_loop
+from pipelines.ranking.pretrain import pretrain_loop
 from pipelines.train.runner import fingerprint, run_training
 from tests.synthetic import make_features, write_embedding_cache
 

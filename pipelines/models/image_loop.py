@@ -22,19 +22,18 @@ Config (a plain dict, all paths absolute; see ``stages/family.py``):
 
 Each epoch reports loss parts, ``val_emd2`` / ``val_srcc`` (rank 0), and the precision state
 (``mixed_precision``, ``theta``, ``overflow_epoch``, ``loss_scale_log2``, ``switch_epoch``,
--1 until the switch) through ``report_epoch``, like ``pipelines.train.loops``.
+-1 until the switch). The epochs run in the one training core (``pipelines.train.core.fit``): the
+model is wrapped in DDP on more than one worker, each worker trains on its shard of the rows.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from pipelines.data.manifest import read_manifest, vote_distribution
 from pipelines.images import MEAN, STD, batch_loader, image_tensor, load_image, normalise, open_image, to_device  # noqa: F401 (re-exported)
@@ -43,15 +42,8 @@ from pipelines.metrics import dist_to_score, emd, srcc
 from pipelines.models import build, loss_terms, make_optimizer, resolve
 from pipelines.models.amp import MixedPrecisionTrainer, PrecisionGate, low_dtype, monitor_dtype
 from pipelines.models.augment import augment, crop_source, crops_in, pad_box
-from pipelines.tracking.runs import EpochLogger
-from pipelines.train.runner import (
-    load_resume_state,
-    report_epoch,
-    restore_rng,
-    rng_state,
-    sync_gradients,
-    worker_info,
-)
+from pipelines.train.core import Context, FitOptions, fit
+from pipelines.train.precision import check_speed, enable_tf32, prepare_module
 
 CORNER_GRID_MODES = ("off", "always", "with_mixed")
 SCHEDULES = ("single", "three_stage")
@@ -129,94 +121,107 @@ def labelled(df: pd.DataFrame, split: str) -> pd.DataFrame:
     return df[(df["split"] == split) & df["votes"].notna()].reset_index(drop=True)
 
 
-def image_family_loop(config: dict) -> None:
-    rank, world, device = worker_info()
-    torch.manual_seed(config["seed"])
-    np.random.seed(config["seed"] % 2**32)
-    gen = torch.Generator().manual_seed(config["seed"])
-    df = read_manifest(config["manifest_path"])
-    train, val = labelled(df, "train"), labelled(df, "val")
-    if len(train) < 2:
-        raise DataError(f"{config['manifest_path']}: {len(train)} labelled train images; need >= 2.")
-    train_paths, val_paths = _paths(train, config["root"]), _paths(val, config["root"])
-    dist = torch.from_numpy(vote_distribution(train, missing="raise"))
-    val_dist = vote_distribution(val, missing="raise") if len(val) else None
-    n_levels = dist.shape[1]
-    options = dict(config["options"])
-    model = build(config["family"], n_levels, options).to(device)
-    opt = make_optimizer(model.parameters(), resolve(config["family"], "optimizer", config.get("optimizer", "auto")),
-                         config["lr"], config["weight_decay"], config.get("momentum", 0.9))
-    a = config["amp"]
-    gate = PrecisionGate(l1=a["l1"], l2=a["l2"], window=a["window"], enabled=a["enabled"])
-    low = low_dtype(a["dtype"], device)
-    trainer = MixedPrecisionTrainer(
-        model, opt, dtype=low, gate=gate, init_tau=a["init_tau"], monitor=monitor_dtype(a.get("monitor", "auto"), low),
-        growth_interval=a["growth_interval"], grad_hook=lambda m: sync_gradients(m, world),
-    )
-    start = 0
-    if (state := load_resume_state(config)) is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        trainer.load_state_dict(state["amp"])
-        start = state["epoch"] + 1
-        restore_rng(state.get("rng"), gen)
-    bs = config["batch_size"]
-    n_batches = max(1, math.ceil(len(train) / bs / world))
-    arch = {"family": config["family"], "options": options, "n_levels": n_levels, "image_size": config["image_size"],
-            "aspect": config.get("aspect", "square")}
-    log = EpochLogger(config.get("tracking_uri"), config.get("run_id")) if rank == 0 else None
-    grid_mode = resolve(config["family"], "corner_grid", config.get("corner_grid", "auto"))
-    crop_mode = resolve(config["family"], "crop", config.get("crop", "auto"))
-    if grid_mode not in CORNER_GRID_MODES:
-        raise DataError(f"model.corner_grid = {grid_mode!r}; use one of {CORNER_GRID_MODES}.")
-    for epoch in tqdm(range(start, config["epochs"]), desc=config["family"], disable=rank != 0, initial=start, total=config["epochs"]):
-        model.train()
-        size, mode, stage = stage_of(epoch, config, gate.switch_epoch)
-        use_grid = grid_mode == "always" or (grid_mode == "with_mixed" and gate.mixed)
-        use_crop = crops_in(stage, mode, crop_mode)
-        perm = torch.randperm(len(train), generator=gen)
-        mine = perm[rank::world]
-        totals: dict[str, float] = {}
-        specs = []  # (rows, flips) per batch, drawn in batch order; decoded by the shared loader
-        for b in range(n_batches):
-            rows = mine[b * bs : (b + 1) * bs]
-            if len(rows) < 2:
-                rows = mine[:bs]
+class FamilyTraining:
+    """An image model family (M+MNet, AE fusion) on this worker's shard of the labelled train images."""
+
+    def __init__(self, config: dict, ctx: Context):
+        from pipelines.ranking.pretrain import image_speed
+
+        self.config, self.ctx = config, ctx
+        device = ctx.device
+        df = read_manifest(config["manifest_path"])
+        train, self.val = labelled(df, "train"), labelled(df, "val")
+        if len(train) < 2:
+            raise DataError(f"{config['manifest_path']}: {len(train)} labelled train images; need >= 2.")
+        self.n_train = len(train)
+        self.shard = ctx.shard(self.n_train)
+        paths = _paths(train, config["root"])
+        self.train_paths = [paths[i] for i in self.shard]
+        self.val_paths = _paths(self.val, config["root"])
+        dist = vote_distribution(train, missing="raise")
+        self.dist = torch.from_numpy(dist[self.shard])
+        self.val_dist = vote_distribution(self.val, missing="raise") if len(self.val) else None
+        n_levels = dist.shape[1]
+        self.options = dict(config["options"])
+        self.speed = image_speed(config)
+        check_speed(self.speed, device, key="model")
+        enable_tf32(device)
+        self.model = prepare_module(build(config["family"], n_levels, self.options), device, self.speed)
+        self.opt = make_optimizer(self.model.parameters(), resolve(config["family"], "optimizer", config.get("optimizer", "auto")),
+                                  config["lr"], config["weight_decay"], config.get("momentum", 0.9))
+        a = config["amp"]
+        self.gate = PrecisionGate(l1=a["l1"], l2=a["l2"], window=a["window"], enabled=a["enabled"])
+        low = low_dtype(a["dtype"], device)
+        self.trainer = MixedPrecisionTrainer(
+            ctx.ddp(self.model), self.opt, dtype=low, gate=self.gate, init_tau=a["init_tau"],
+            monitor=monitor_dtype(a.get("monitor", "auto"), low), growth_interval=a["growth_interval"],
+        )
+        self.arch = {"family": config["family"], "options": self.options, "n_levels": n_levels, "image_size": config["image_size"],
+                     "aspect": config.get("aspect", "square")}
+        self.grid_mode = resolve(config["family"], "corner_grid", config.get("corner_grid", "auto"))
+        self.crop_mode = resolve(config["family"], "crop", config.get("crop", "auto"))
+        if self.grid_mode not in CORNER_GRID_MODES:
+            raise DataError(f"model.corner_grid = {self.grid_mode!r}; use one of {CORNER_GRID_MODES}.")
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        config, ctx, device, gen = self.config, self.ctx, self.ctx.device, self.ctx.generator
+        self.model.train()
+        size, mode, stage = stage_of(epoch, config, self.gate.switch_epoch)
+        use_grid = self.grid_mode == "always" or (self.grid_mode == "with_mixed" and self.gate.mixed)
+        use_crop = crops_in(stage, mode, self.crop_mode)
+        batches = ctx.batches(self.n_train, len(self.shard), config["batch_size"])
+        specs = []  # (rows, flips, crops) per batch, drawn in batch order; decoded by the shared loader
+        for rows in batches:
             flip = torch.rand(len(rows), generator=gen) < 0.5 if config.get("hflip", True) else None
             crop = torch.rand(len(rows), 2, generator=gen) if use_crop else None
             specs.append((rows, flip, crop))
-        make = functools.partial(_train_batch, train_paths, size, mode, config.get("corner_grid_r", 0.1) if use_grid else None)
-        for (rows, _, _), x in zip(specs, batch_loader(specs, make, workers=config.get("loader_workers", 0), device=device), strict=True):
+        make = functools.partial(_train_batch, self.train_paths, size, mode, config.get("corner_grid_r", 0.1) if use_grid else None)
+        totals: dict[str, float] = {}
+        loader = batch_loader(specs, make, workers=config.get("loader_workers", 0), device=device)
+        for (rows, _, _), x in zip(specs, loader, strict=True):
             x = to_device(x, device)
-            y = dist[rows].to(device)
+            y = self.dist[rows].to(device)
             parts: dict = {}
 
             def loss_fn(m: torch.nn.Module, dtype: torch.dtype, x=x, y=y, parts=parts) -> torch.Tensor:
                 out = m(x.to(dtype))
-                parts.update(loss_terms(config["family"], m, out, y, options, x))
+                parts.update(loss_terms(config["family"], self.model, out, y, self.options, x))
                 return parts["loss"].float()
 
-            trainer.step(loss_fn)
+            self.trainer.step(loss_fn)
             for k, v in parts.items():
-                totals[k] = totals.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / n_batches
-        prec = trainer.end_epoch(epoch)
-        metrics = {
-            "epoch": epoch, **totals, **prec, "stage": float(stage), "image_h": float(size[0]),
-            "switch_epoch": float(-1 if gate.switch_epoch is None else gate.switch_epoch),
+                totals[k] = totals.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / len(batches)
+        prec = self.trainer.end_epoch(epoch)
+        return {
+            **totals, **prec, "stage": float(stage), "image_h": float(size[0]),
+            "switch_epoch": float(-1 if self.gate.switch_epoch is None else self.gate.switch_epoch),
             "corner_grid": float(use_grid), "random_crop": float(use_crop),
         }
-        state = None
-        if rank == 0:
-            if val_dist is not None and len(val) >= 3:
-                probs = predict(model, val_paths, config["image_size"], device=device, aspect=config.get("aspect", "square"))
-                metrics.update({"val_emd2": float(emd(probs, val_dist, 2)), "val_srcc": float(srcc(dist_to_score(probs), dist_to_score(val_dist)))})
-            log(metrics, epoch)
-            state = {
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "amp": trainer.state_dict(),
-                "epoch": epoch, "arch": arch, "started_at_epoch": start, "switch_epoch": gate.switch_epoch,
-                "rng": rng_state(gen), "metrics": metrics,
-            }
-        report_epoch(metrics, state, config, rank)
+
+    def validate(self, epoch: int) -> dict[str, float]:
+        if self.val_dist is None or len(self.val) < 3:
+            return {}
+        probs = predict(self.model, self.val_paths, self.config["image_size"], device=self.ctx.device,
+                        aspect=self.config.get("aspect", "square"))
+        return {"val_emd2": float(emd(probs, self.val_dist, 2)),
+                "val_srcc": float(srcc(dist_to_score(probs), dist_to_score(self.val_dist)))}
+
+    def selectable(self) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "amp": self.trainer.state_dict(),
+                "arch": self.arch, "switch_epoch": self.gate.switch_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.trainer.load_state_dict(state["amp"])
+
+
+def image_family_loop(config: dict) -> None:
+    """Ray Train loop of the ``family`` stage (``config``: ``stages.family.family_config``)."""
+    fit(lambda ctx: FamilyTraining(config, ctx), config, FitOptions(epochs=config["epochs"], desc=config["family"]))
 
 
 def arch_aspect(arch: dict) -> str:

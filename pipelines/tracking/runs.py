@@ -23,6 +23,7 @@ from typing import Any, Iterator
 
 from pipelines.config import MlflowParams, flatten
 from pipelines.io import DataError
+from pipelines.train.log import EpochLogger  # noqa: F401 (re-exported: rank-0 epoch metrics)
 
 log = logging.getLogger(__name__)
 
@@ -172,22 +173,3 @@ def stage_run(params: MlflowParams, stage: str, *, config: dict[str, Any], tags:
         flat = {k: (v if v is None or isinstance(v, (int, float, str, bool)) else str(v)) for k, v in flat.items()}
         mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
         yield run
-
-
-class EpochLogger:
-    """Logs per-epoch metrics into an existing run; picklable, for Ray Train workers."""
-
-    def __init__(self, tracking_uri: str | None, run_id: str | None):
-        self.tracking_uri, self.run_id = tracking_uri, run_id
-
-    def __call__(self, metrics: dict[str, float], step: int) -> None:
-        if not self.run_id:
-            return
-        import time
-
-        from mlflow.entities import Metric
-        from mlflow.tracking import MlflowClient
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        MlflowClient(self.tracking_uri).log_batch(self.run_id, metrics=batch)

@@ -28,6 +28,10 @@ from pipelines.config import TrainParams
 from pipelines.io import DataError, atomic_path, load_torch, write_text
 
 STATE_FILE = "state.pt"
+# The checkpoint layout of ``pipelines.train.core.fit``; bumped when it changes. A resume file of
+# another layout is refused with a message that says how to restart (never misread, never a
+# silent retrain).
+CHECKPOINT_VERSION = 2
 CHECKPOINT_EVERY = 5
 
 
@@ -195,7 +199,18 @@ def load_resume_state(config: dict) -> dict | None:
     path = Path(config["resume_path"])
     if path.exists():
         states.append(load_torch(path))
+    for state in states:
+        check_version(state, path)
     return max(states, key=lambda s: s["epoch"], default=None)
+
+
+def check_version(state: dict, path: Path) -> None:
+    """Refuse a resume state written in another checkpoint layout, saying how to restart."""
+    version = state.get("core_version", 1)
+    if version != CHECKPOINT_VERSION:
+        raise DataError(
+            f"{path}: a resume checkpoint of layout {version}; this code reads layout {CHECKPOINT_VERSION} and cannot "
+            f"continue from it. Delete {path.parent.parent} (or all of {runs_dir()}) and rerun the stage to train from the start.")
 
 
 def report_epoch(metrics: dict[str, float], state: dict | None, config: dict, rank: int) -> None:
@@ -267,9 +282,10 @@ def finished_run(resume: Path, config: dict[str, Any]) -> dict[str, Any] | None:
     if not resume.exists():
         return None
     state = load_torch(resume)
+    check_version(state, resume)
     if "metrics" not in state or state["epoch"] + 1 < config.get("epochs", float("inf")):
         return None
-    from pipelines.tracking.runs import EpochLogger
+    from pipelines.train.log import EpochLogger
 
     EpochLogger(config.get("tracking_uri"), config.get("run_id"))(state["metrics"], state["epoch"])
     remove_run(resume.parent.parent.name)

@@ -349,7 +349,7 @@ def kept_result(history: list[dict[str, Any]], metric: str, keep_best: bool) -> 
     """``(value of metric, epoch)`` that a stage run with the trial's params would keep.
 
     ``history``: the trial's per-epoch reports, in order. With ``keep_best`` the stage keeps
-    the epoch of the highest validation SRCC (``pipelines.train.loops``), else the last one.
+    the epoch of the highest validation SRCC (``pipelines.train.core``), else the last one.
     """
     rows = [r for r in history if metric in r and r[metric] is not None and not _nan(r[metric])]
     if not rows:
