@@ -108,8 +108,10 @@ def cli(fn: Callable[..., None]) -> Callable[..., None]:
         if as_program and "argparse" not in fn.__globals__:
             name = Path(sys.argv[0]).stem
             stage_parser(name, fn.__globals__.get("__doc__")).parse_args(sys.argv[1:])  # --help: exit 0
-        # only as a program (`python -m stages.X`): a test calling main() keeps its own streams
-        log_file = setup_logging(Path(sys.argv[0]).stem) if as_program else None
+        # only as a program (`python -m stages.X`): a test calling main() keeps its own streams;
+        # --help (answered by the stage's own parser) opens no log file
+        asks_help = bool({"-h", "--help"} & set(sys.argv[1:]))
+        log_file = setup_logging(Path(sys.argv[0]).stem) if as_program and not asks_help else None
         try:
             fn(*args, **kwargs)
         except DataError as exc:

@@ -58,10 +58,11 @@ def test_every_stage_answers_help_without_touching_outputs(tmp_path):
     (tmp_path / "dvc.yaml").write_bytes((ROOT / "dvc.yaml").read_bytes())
     before = snapshot(tmp_path)
     script = (
-        "import runpy, sys, json\n"
+        "import runpy, sys, json, pathlib\n"
         "codes = {}\n"
-        f"for name in {STAGES!r}:\n"
-        "    for arg in ('--help', '--no-such-flag'):\n"
+        "for arg in ('--help', '--no-such-flag'):\n"
+        "  if arg != '--help': print('AFTER_HELP=' + json.dumps(sorted(map(str, pathlib.Path().rglob('*')))))\n"
+        f"  for name in {STAGES!r}:\n"
         "        sys.argv = [f'stages/{name}.py', arg]\n"
         "        try:\n"
         "            runpy.run_module(f'stages.{name}', run_name='__main__', alter_sys=True)\n"
@@ -79,7 +80,9 @@ def test_every_stage_answers_help_without_touching_outputs(tmp_path):
     assert {k: v for k, v in codes.items() if k.endswith("--help") and v != 0} == {}, proc.stderr[-3000:]
     assert {k: v for k, v in codes.items() if k.endswith("--no-such-flag") and v != 2} == {}, proc.stderr[-3000:]
     assert f"dvc repro head" in proc.stdout and "params.yaml keys: seed, head" in proc.stdout  # from dvc.yaml
-    assert snapshot(tmp_path) == before  # no outputs, no logs/, no mlruns/
+    after_help = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("AFTER_HELP="))[len("AFTER_HELP="):])
+    assert after_help == ["dvc.yaml"]  # --help wrote nothing: no outputs, no logs/, no mlruns/
+    assert snapshot(tmp_path)["dvc.yaml"] == before["dvc.yaml"]
 
 
 # ---------------------------------------------------------------------------- bad input: one line, exit 2
