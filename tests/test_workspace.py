@@ -119,3 +119,54 @@ def test_a_bad_experiment_deletes_nothing_and_recovers(tmp_path):
     git(repo, env, "commit", "-q", "-m", "unguarded")
     assert dvc_run(repo, env, "exp", "run", "-S", "head.lr=fast").returncode != 0
     assert not (repo / "models/head.pt").exists() and not (repo / "metrics/head.json").exists()
+
+
+def test_evaluate_registers_a_version_only_when_the_scoring_model_changed(tmp_path):
+    """`evaluate` registers through `registry.register_unless_known`: a rerun with an equal scoring
+    model (equal content, even from another `torch.save`) returns the registered version and logs
+    nothing; a changed model is a new version."""
+    import mlflow
+    import torch
+    from mlflow import MlflowClient
+
+    from pipelines.io import load_torch
+    from pipelines.tracking import registry
+    from pipelines.tracking.scoring import log_scoring_model
+    from tests.test_registry import CARD, build_bundle
+
+    reqs = ["mlflow"]
+    build_bundle(tmp_path / "a.pt")
+    build_bundle(tmp_path / "b.pt")  # the same model, written again
+    digest = registry.scoring_digest(tmp_path / "a.pt", CARD, reqs)
+    assert registry.scoring_digest(tmp_path / "b.pt", CARD, reqs) == digest
+    changed = load_torch(tmp_path / "a.pt")
+    changed["model"] = {k: v + 1e-3 if v.is_floating_point() else v for k, v in changed["model"].items()}
+    torch.save(changed, tmp_path / "c.pt")
+    assert registry.scoring_digest(tmp_path / "c.pt", CARD, reqs) != digest
+    assert registry.scoring_digest(tmp_path / "a.pt", CARD, ["mlflow", "timm"]) != digest
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        exp = mlflow.create_experiment("eval", artifact_location=(tmp_path / "art").as_uri())
+        logged = []
+
+        def register(path):
+            def log():
+                logged.append(path.name)
+                return log_scoring_model(path, CARD, registered_name="m", pip_requirements=reqs)
+            tags = {"metrics": {"val_srcc": 0.3}, "dataset": "demo", "card": CARD, "extra": {"data": "demo"}}
+            with mlflow.start_run(experiment_id=exp):
+                return registry.register_unless_known("m", registry.scoring_digest(path, CARD, reqs), log, **tags)
+
+        assert register(tmp_path / "a.pt") == ("1", "champion")
+        assert register(tmp_path / "b.pt") == ("1", "champion")  # a rerun: nothing logged
+        assert register(tmp_path / "c.pt") == ("2", "challenger")  # a tie keeps the champion
+        assert logged == ["a.pt", "c.pt"]
+        versions = MlflowClient().search_model_versions("name = 'm'")
+        assert sorted(str(v.version) for v in versions) == ["1", "2"]
+        assert MlflowClient().get_model_version("m", "1").tags[registry.DIGEST_TAG] == digest
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
