@@ -216,7 +216,7 @@ class AmpParams:
     l1: float = 1.0
     l2: float = 0.2
     window: int = 5
-    dtype: str = "auto"  # auto (fp16 on CUDA; bf16 on CPU only where faster than fp32, else fp32) | fp16 | bf16 | fp32
+    dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | fp16 | bf16 (where the device has it) | fp32
     init_tau: int = 16
     growth_interval: int = 200
     monitor: str = "auto"  # format the overflow monitor checks: auto (the low dtype; fp16 for an fp32 stand-in) | fp16 | bf16 | fp32

@@ -98,6 +98,21 @@ def family_config(m: ModelParams, seed: int) -> dict[str, Any]:
     return {**d, "options": options, "seed": seed}
 
 
+def check_family_device(config: dict, use_gpu: bool) -> None:
+    """Refuse, before Ray starts, an ``model.amp.dtype`` / ``model.amp.monitor`` or speed option that the
+    training device cannot honour (checked where this machine has that device; workers check again)."""
+    import torch
+
+    from pipelines.models.amp import low_dtype, monitor_dtype
+    from pipelines.train.precision import check_speed, speed_of
+
+    if use_gpu and not torch.cuda.is_available():
+        return
+    device = torch.device("cuda" if use_gpu else "cpu")
+    monitor_dtype(config["amp"].get("monitor", "auto"), low_dtype(config["amp"]["dtype"], device))
+    check_speed(speed_of(config), device, key="model")
+
+
 def run(params_path: str | Path = "params.yaml") -> dict:
     import numpy as np
     import pandas as pd
@@ -118,6 +133,7 @@ def run(params_path: str | Path = "params.yaml") -> dict:
 
     p, m = load_family_params(params_path)
     config = {**family_config(m, p.seed), "manifest_path": str(MANIFEST.resolve()), "root": os.getcwd()}
+    check_family_device(config, m.ray.use_gpu)
     random_backbone = not config["options"].get("weights")
     with stage_run(p.mlflow, "family", config=config, tags={"data": p.data.name, "family": m.family}) as mrun:
         import mlflow

@@ -1,6 +1,7 @@
 """Stage `prepare`: label files -> the manifest (one schema for every data set)."""
 
-from pipelines.data.manifest import build_manifest, write_manifest
+from pipelines.data.adapters import build_manifest
+from pipelines.data.manifest import write_manifest
 from pipelines.io import write_json
 from stages.common import DATA, MANIFEST, cli, params
 

@@ -12,8 +12,8 @@ from pipelines.config import as_dict
 from pipelines.io import DataError
 from pipelines.ranking.backbone import cr_card, create_backbone
 from pipelines.train.data import embedding_files, load_features
-from pipelines.ranking.pretrain import ENCODERS, image_speed, pretrain_images, pretrain_loop, steps_of
-from pipelines.train.precision import PRECISIONS, check_speed, resolve_precision
+from pipelines.ranking.pretrain import ENCODERS, pretrain_images, pretrain_loop, steps_of
+from pipelines.train.precision import PRECISIONS, check_speed, resolve_precision, speed_of
 from stages.common import FEATURES, IMAGE_EMB, INDEX, MANIFEST, MODELS, cli, params
 from stages.training import train_stage
 
@@ -55,7 +55,7 @@ def check_device_options(img: dict, use_gpu: bool, key: str) -> None:
         return  # the GPUs are on the cluster's workers
     device = torch.device("cuda" if use_gpu else "cpu")
     resolve_precision(img.get("precision", "auto"), device, key=f"{key}.precision")
-    check_speed(image_speed(img), device, key=key)
+    check_speed(speed_of(img), device, key=key)
 
 
 @cli

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from pipelines.data.adapters import ADAPTERS, get_adapter, hash_split, load_labels
-from pipelines.data.manifest import build_manifest, scores_from_votes
+from pipelines.data.adapters import build_manifest
+from pipelines.data.manifest import scores_from_votes
 from pipelines.io import DataError
 
 ROOT = Path(__file__).resolve().parents[1]

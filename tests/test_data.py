@@ -14,18 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines.data import (
-    ADAPTERS,
-    SPLITS,
-    Labels,
-    build_manifest,
-    generate_demo,
-    read_manifest,
-    register_adapter,
-    vote_distribution,
-    write_manifest,
-)
 from pipelines.data import demo
+from pipelines.data.adapters import ADAPTERS, Labels, register_adapter
+from pipelines.data.demo import generate_demo
+from pipelines.data.adapters import build_manifest
+from pipelines.data.manifest import SPLITS, read_manifest, vote_distribution, write_manifest
 from pipelines.io import DataError
 
 TINY = dict(n_images=40, image_size=64, seed=0, progress=False)

@@ -20,7 +20,8 @@ EVAL_KEYS = {"acc", "plcc", "srcc", "mse", "emd1", "emd2", "mae_L", "mae_M", "ma
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     from pipelines.data.demo import generate_demo
-    from pipelines.data.manifest import build_manifest, write_manifest
+    from pipelines.data.adapters import build_manifest
+    from pipelines.data.manifest import write_manifest
 
     root = tmp_path_factory.mktemp("demo")
     generate_demo(root / "data" / "demo", n_images=40, image_size=64, progress=False)

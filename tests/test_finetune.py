@@ -64,7 +64,7 @@ def test_fine_tune_trains_the_backbone_and_the_pyfunc_model_scores_as_the_pipeli
     pre = load_torch(tmp_path / "cr.pt")
     inputs = [str(tmp_path / f) for f in ("features.parquet", "manifest.parquet", "cr.pt")]
     state = run_training(finetune_loop, ft_config(tmp_path), LOCAL, stage="head", inputs=inputs)
-    assert state["epoch"] == 1 and state["precision"] == "float32"  # CPU: fp32
+    assert state["epoch"] == 1 and state["precision"] == "fp32"  # CPU: fp32
     assert 0 <= state["selected_epoch"] <= 1 and np.isfinite(state["selected_val_srcc"])  # validation ran, best epoch kept
     assert state["arch"]["head"]["protocol"] == "fine_tune" and state["arch"]["cr_input"]["kind"] == "image"
     # the backbone itself was fine-tuned, and so was the projection inside the head

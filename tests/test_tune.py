@@ -163,7 +163,8 @@ def test_family_search_tunes_model_params(tmp_path, monkeypatch, ray_2cpu):
     from mlflow.tracking import MlflowClient
 
     from pipelines.data.demo import generate_demo
-    from pipelines.data.manifest import build_manifest, write_manifest
+    from pipelines.data.adapters import build_manifest
+    from pipelines.data.manifest import write_manifest
     from stages.tune import family_steps
 
     monkeypatch.chdir(tmp_path)

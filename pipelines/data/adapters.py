@@ -3,7 +3,7 @@
 An adapter reads a label file and returns :class:`Labels`: a frame with columns
 ``image_id``, ``split``, ``votes`` (list of ints or None), ``score`` (float or NaN) and,
 optionally, ``file`` (the image's file name relative to the image folder when it is not
-``<image_id>.jpg``), plus the level count. :func:`pipelines.data.manifest.build_manifest`
+``<image_id>.jpg``), plus the level count. :func:`build_manifest`
 checks the paths, attaches the image files and validates the result, so a new adapter only
 parses. To add one::
 
@@ -15,6 +15,7 @@ parses. To add one::
 from __future__ import annotations
 
 import csv
+import os
 import logging
 import re
 from dataclasses import dataclass, field
@@ -23,8 +24,10 @@ from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from pipelines.io import DataError
+from pipelines.data.manifest import manifest_table, validate_manifest
 
 log = logging.getLogger(__name__)
 
@@ -768,3 +771,49 @@ def load_labels(adapter: str, labels: str | Path, images: str | Path | None = No
     report["rows"] = len(rows)
     report["kept_without_image"] = int((~rows["image_found"]).sum())
     return rows, report
+
+
+def build_manifest(
+    adapter: str, labels: str | os.PathLike, images: str | os.PathLike, **options: Any
+) -> tuple[pa.Table, dict[str, Any]]:
+    """Read a data set's label file with the named adapter and return (manifest, report).
+
+    ``options`` are passed on to the adapter. Rows whose image is missing on disk are dropped
+    and listed in the report; a missing label file or image folder, a malformed label file, or
+    no image found at all raise :class:`DataError`.
+    """
+    parse = get_adapter(adapter)
+    labels, images = Path(labels), Path(images)
+    if not labels.exists():  # a file, or a folder for the adapters that read several files (para, tad66k)
+        raise DataError(
+            f"{labels}: label file not found; set `data.labels` in params.yaml to the data "
+            f"set's label file or folder (adapter {adapter!r})."
+        )
+    if not images.is_dir():
+        raise DataError(
+            f"{images}: image folder not found; set `data.images` in params.yaml to the "
+            f"folder that holds the images listed in {labels}."
+        )
+    parsed = parse(labels, **options)
+    rows, found = attach_paths(parsed.rows, images, labels)
+    table = manifest_table(
+        image_id=rows["image_id"].tolist(),
+        path=rows["path"].tolist(),
+        split=rows["split"].tolist(),
+        votes=rows["votes"].tolist(),
+        score=[None if pd.isna(s) else float(s) for s in rows["score"]],
+        n_levels=parsed.n_levels,
+    )
+    validate_manifest(table, source=str(labels))
+    report: dict[str, Any] = {
+        "adapter": adapter,
+        "labels": str(labels),
+        "images": str(images),
+        "n_levels": parsed.n_levels,
+        "rows_in_labels": int(len(parsed.rows)),
+        "rows": table.num_rows,
+        "splits": {s: int(n) for s, n in rows["split"].value_counts().items()},
+        **found,
+        **parsed.notes,
+    }
+    return table, report

@@ -75,54 +75,6 @@ def manifest_table(
     )
 
 
-def build_manifest(
-    adapter: str, labels: str | os.PathLike, images: str | os.PathLike, **options: Any
-) -> tuple[pa.Table, dict[str, Any]]:
-    """Read a data set's label file with the named adapter and return (manifest, report).
-
-    ``options`` are passed on to the adapter. Rows whose image is missing on disk are dropped
-    and listed in the report; a missing label file or image folder, a malformed label file, or
-    no image found at all raise :class:`DataError`.
-    """
-    from pipelines.data.adapters import attach_paths, get_adapter
-
-    parse = get_adapter(adapter)
-    labels, images = Path(labels), Path(images)
-    if not labels.exists():  # a file, or a folder for the adapters that read several files (para, tad66k)
-        raise DataError(
-            f"{labels}: label file not found; set `data.labels` in params.yaml to the data "
-            f"set's label file or folder (adapter {adapter!r})."
-        )
-    if not images.is_dir():
-        raise DataError(
-            f"{images}: image folder not found; set `data.images` in params.yaml to the "
-            f"folder that holds the images listed in {labels}."
-        )
-    parsed = parse(labels, **options)
-    rows, found = attach_paths(parsed.rows, images, labels)
-    table = manifest_table(
-        image_id=rows["image_id"].tolist(),
-        path=rows["path"].tolist(),
-        split=rows["split"].tolist(),
-        votes=rows["votes"].tolist(),
-        score=[None if pd.isna(s) else float(s) for s in rows["score"]],
-        n_levels=parsed.n_levels,
-    )
-    validate_manifest(table, source=str(labels))
-    report: dict[str, Any] = {
-        "adapter": adapter,
-        "labels": str(labels),
-        "images": str(images),
-        "n_levels": parsed.n_levels,
-        "rows_in_labels": int(len(parsed.rows)),
-        "rows": table.num_rows,
-        "splits": {s: int(n) for s, n in rows["split"].value_counts().items()},
-        **found,
-        **parsed.notes,
-    }
-    return table, report
-
-
 def write_manifest(path: str | os.PathLike, table: pa.Table | pd.DataFrame) -> None:
     """Validate ``table`` against the contract and write it atomically as Parquet."""
     if isinstance(table, pd.DataFrame):

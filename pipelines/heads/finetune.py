@@ -33,11 +33,11 @@ from pipelines.images import batch_loader, check_images, view_batch
 from pipelines.io import load_torch
 from pipelines.ranking.backbone import encoder_from_spec, state_fingerprint
 from pipelines.ranking.cr_features import backbone_state, image_paths
-from pipelines.ranking.pretrain import image_speed, rows_views
+from pipelines.ranking.pretrain import rows_views
 from pipelines.train.core import Context, FitOptions, cpu_copy, fit
 from pipelines.train.data import FeatureSet, load_features, load_matcher
 from pipelines.train.precision import (
-    check_speed, enable_tf32, maybe_compile, optimizer, prepare_module, resolve_precision, to_device,
+    check_speed, enable_tf32, maybe_compile, optimizer, prepare_module, resolve_precision, speed_of, to_device,
 )
 
 
@@ -103,7 +103,7 @@ class FineTune:
         head, self.arch = build_head(config, self.matcher.dim, int(spec["in_dim"]), train.n_levels)
         head.fit_normaliser(lambda: iter(torch.from_numpy(train_tm).split(4096)))
         freeze_unused(head)
-        self.speed = image_speed(img)
+        self.speed = speed_of(img)
         check_speed(self.speed, device, key="pretrain.image")
         self.ft = prepare_module(FineTuneModel(enc.backbone, head, h), device, self.speed)
         train_paths, self.val_paths = finetune_images(config, feats)

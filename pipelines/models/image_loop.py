@@ -43,7 +43,7 @@ from pipelines.models import build, loss_terms, make_optimizer, resolve
 from pipelines.models.amp import MixedPrecisionTrainer, PrecisionGate, low_dtype, monitor_dtype
 from pipelines.models.augment import augment, crop_source, crops_in, pad_box
 from pipelines.train.core import Context, FitOptions, fit
-from pipelines.train.precision import check_speed, enable_tf32, prepare_module
+from pipelines.train.precision import check_speed, enable_tf32, prepare_module, speed_of
 
 CORNER_GRID_MODES = ("off", "always", "with_mixed")
 SCHEDULES = ("single", "three_stage")
@@ -125,8 +125,6 @@ class FamilyTraining:
     """An image model family (M+MNet, AE fusion) on this worker's shard of the labelled train images."""
 
     def __init__(self, config: dict, ctx: Context):
-        from pipelines.ranking.pretrain import image_speed
-
         self.config, self.ctx = config, ctx
         device = ctx.device
         df = read_manifest(config["manifest_path"])
@@ -143,7 +141,7 @@ class FamilyTraining:
         self.val_dist = vote_distribution(self.val, missing="raise") if len(self.val) else None
         n_levels = dist.shape[1]
         self.options = dict(config["options"])
-        self.speed = image_speed(config)
+        self.speed = speed_of(config)
         check_speed(self.speed, device, key="model")
         enable_tf32(device)
         self.model = prepare_module(build(config["family"], n_levels, self.options), device, self.speed)
@@ -183,8 +181,8 @@ class FamilyTraining:
             y = self.dist[rows].to(device)
             parts: dict = {}
 
-            def loss_fn(m: torch.nn.Module, dtype: torch.dtype, x=x, y=y, parts=parts) -> torch.Tensor:
-                out = m(x.to(dtype))
+            def loss_fn(m: torch.nn.Module, x=x, y=y, parts=parts) -> torch.Tensor:
+                out = m(x)  # the trainer's autocast (mixed phase) sets the compute dtype
                 parts.update(loss_terms(config["family"], self.model, out, y, self.options, x))
                 return parts["loss"].float()
 

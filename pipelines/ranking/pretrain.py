@@ -29,7 +29,7 @@ from pipelines.ranking.loss import traversal_contrastive_loss
 from pipelines.train.core import Context, FitOptions, fit
 from pipelines.train.data import embedding_dim, load_features, read_embedding_rows
 from pipelines.train.precision import (
-    FP32, Speed, check_speed, enable_tf32, maybe_compile, optimizer, prepare_module, resolve_precision, to_device,
+    FP32, Speed, check_speed, enable_tf32, maybe_compile, optimizer, prepare_module, resolve_precision, speed_of, to_device,
 )
 
 ENCODERS = ("embedding", "image")
@@ -41,12 +41,6 @@ def steps_of(batches_per_step: int | str, world: int) -> int:
     if n < 1 or n % world:
         raise ValueError(f"pretrain.batches_per_step = {batches_per_step!r}: need a multiple of the {world} worker(s), or auto")
     return n
-
-
-def image_speed(img: dict) -> Speed:
-    """The speed options of an image loop's config block (``pretrain.image`` / ``model``)."""
-    return Speed(channels_last=img.get("channels_last", True), fused_optimizer=img.get("fused_optimizer", True),
-                 compile=img.get("compile", False), gpu_decode=img.get("gpu_decode", False))
 
 
 def _rows_tensor(emb: torch.Tensor, local: np.ndarray, spec) -> torch.Tensor:
@@ -99,7 +93,7 @@ class Pretrain:
         self.local = self.per_step // ctx.world
         if self.image:
             img = config["image"]
-            self.speed = image_speed(img)
+            self.speed = speed_of(img)
             check_speed(self.speed, device, key="pretrain.image")
             paths = pretrain_images(config, self.train)
             enc = ImageCREncoder(img["backbone"], config["hidden"], config["dim"], config["dropout"], image_size=img["image_size"],
@@ -118,8 +112,8 @@ class Pretrain:
         self.enc = enc
         self.opt = optimizer(groups, lr=config["lr"], weight_decay=config["weight_decay"], device=device, speed=self.speed)
         self.scaler = self.precision.scaler(device)
-        model, self.compile_s = maybe_compile(ctx.ddp(enc), self.speed)
-        self.model = model
+        self.model, _ = maybe_compile(ctx.ddp(enc), self.speed)
+        self.compiled = False  # set once the first step (which compiles) has run
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         ctx, config, per_step, local = self.ctx, self.config, self.per_step, self.local
@@ -136,7 +130,10 @@ class Pretrain:
         device, model = ctx.device, self.model
         total, n, t0 = 0.0, 0, time.perf_counter()
         views = iter(batch_loader(specs, make, workers=self.workers, device=device))
+        first = None
         for s in range(n_steps):
+            if s == 1 and first is None:
+                first = time.perf_counter() - t0
             self.opt.zero_grad(set_to_none=True)
             for j in range(local):
                 rows = specs[s * local + j][0]
@@ -151,8 +148,11 @@ class Pretrain:
             self.scaler.step(self.opt)
             self.scaler.update()
         seconds = time.perf_counter() - t0
-        return {"loss": total / max(n, 1), "batches": n, "steps": n_steps, "epoch_s": seconds,
-                "images_per_s": sum(len(b) for b, _ in specs) * ctx.world / max(seconds, 1e-9)}
+        out = {"loss": total / max(n, 1), "batches": n, "steps": n_steps, "epoch_s": seconds,
+               "images_per_s": sum(len(b) for b, _ in specs) * ctx.world / max(seconds, 1e-9)}
+        if self.speed.compile and not self.compiled and first is not None:  # the first step compiles: its time
+            out["compile_s"], self.compiled = first, True
+        return out
 
     def validate(self, epoch: int) -> dict[str, float]:
         return {}

@@ -10,8 +10,8 @@
 The choice is a pure function of the params and the device's features (``pipelines.hardware``),
 never of a timing, and is recorded in every checkpoint.
 
-Speed options (``SpeedParams``): channels_last memory format, fused AdamW (CUDA), ``torch.compile``
-(opt-in; its compile time is reported), pinned memory with non-blocking copies, GPU JPEG decode.
+Speed options (``Speed``): channels_last memory format, fused AdamW (CUDA), ``torch.compile``
+(opt-in), pinned memory with non-blocking copies.
 An option the device cannot honour fails before training starts, naming the params key.
 """
 
@@ -95,15 +95,17 @@ class Speed:
     fused_optimizer: bool = True  # fused AdamW on CUDA; ignored on CPU (no fused CPU kernel pays)
     compile: bool = False
     pin_memory: bool = True  # CUDA only
-    gpu_decode: bool = False  # JPEG decode on the GPU (nvjpeg), CPU fallback per file
+
+
+def speed_of(block: dict) -> Speed:
+    """The speed options of a params block (``pretrain.image``, ``model``) as a loop's config holds it."""
+    return Speed(channels_last=block.get("channels_last", True), fused_optimizer=block.get("fused_optimizer", True),
+                 compile=block.get("compile", False))
 
 
 def check_speed(speed: Speed, device: torch.device | str, *, key: str) -> None:
     """Refuse, before training starts, an option that ``device`` cannot honour (``key``: the params block)."""
     device = torch.device(device)
-    if speed.gpu_decode and device.type != "cuda":
-        raise DataError(f"params.yaml: {key}.gpu_decode is true, but training runs on {device.type} (no CUDA); "
-                        f"set {key}.gpu_decode: false, or train on GPUs ({key.split('.')[0]}.ray.use_gpu: true).")
     if speed.compile:
         problem = compile_problem(device)
         if problem:

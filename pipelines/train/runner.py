@@ -239,18 +239,6 @@ def report_epoch(metrics: dict[str, float], state: dict | None, config: dict, ra
         ray.train.report(metrics)
 
 
-def sync_gradients(model: torch.nn.Module, world: int) -> None:
-    """Average gradients across workers (explicit data parallelism, as DDP does)."""
-    if world <= 1:
-        return
-    import torch.distributed as dist
-
-    for p in model.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= world
-
-
 RUN_ID_FILE = "mlflow_run_id"
 
 
