@@ -27,13 +27,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
     On an exception the temporary file is removed and ``path`` is left untouched. A process
     killed outright (SIGKILL, OOM) cannot clean up: the next write of the same path removes
-    the temporary files that dead processes of this host left for it.
+    the temporary files that dead processes of this host left for it. The file gets the
+    permissions the umask gives any new file (0644 under umask 022), not mkstemp's 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_orphans(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_OWNER}-{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:  # mkstemp makes the file owner-only (0600): give it the mode a plain open() would
+        os.fchmod(fd, 0o666 & ~current_umask())
+    finally:
+        os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -41,6 +45,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux: /proc)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, but only for an instant)
+    os.umask(mask)
+    return mask
 
 
 _OWNER = "".join(c for c in socket.gethostname() if c.isalnum())[:32] or "host"

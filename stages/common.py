@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 from pathlib import Path
@@ -66,17 +67,51 @@ def write_metrics(name: str, detail: dict, models: list[str], *, random_weights:
     return headline
 
 
+def stage_parser(name: str, doc: str | None, dvc_yaml: str | Path = "dvc.yaml") -> argparse.ArgumentParser:
+    """The ``--help`` of a stage that takes no arguments: its docstring, and what ``dvc.yaml``
+    says it reads (params keys, deps) and writes (outs, metrics) when the file is here."""
+    epilog = [f"A DVC stage: run it with `dvc repro {name}` (it takes no arguments; its settings are in params.yaml)."]
+    spec = _dvc_stage(name, dvc_yaml)
+    if spec:
+        for key, label in (("params", "params.yaml keys"), ("deps", "reads"), ("outs", "writes"), ("metrics", "metrics")):
+            items = [next(iter(i)) if isinstance(i, dict) else str(i) for i in spec.get(key) or []]
+            if items:
+                epilog.append(f"{label}: {', '.join(map(str, items))}")
+    return argparse.ArgumentParser(
+        prog=f"python -m stages.{name}", description=(doc or f"Stage `{name}`.").strip(),
+        epilog="\n".join(epilog), formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _dvc_stage(name: str, dvc_yaml: str | Path) -> dict | None:
+    try:
+        from ruamel.yaml import YAML
+
+        stages = YAML(typ="safe").load(Path(dvc_yaml).read_text(encoding="utf-8")).get("stages") or {}
+        return stages.get(name)
+    except Exception:  # no dvc.yaml here (or unreadable): the docstring alone
+        return None
+
+
 def cli(fn: Callable[..., None]) -> Callable[..., None]:
     """Run a stage: bad input exits 2 with one clear line instead of a traceback.
 
+    Run as a program (``python -m stages.X``), a stage that parses no arguments of its own
+    answers ``--help`` (and exits 0 before it reads or writes anything) and refuses any other
+    argument (exit 2); stages with an ``argparse`` parser (score, tune, recipe) parse their own.
     Third-party log lines go to ``logs/<stage>.log`` (``pipelines.logs``; ``IAA_VERBOSE=1``
     shows them too); the terminal gets progress bars and the pipeline's own messages.
     """
 
     @functools.wraps(fn)
     def main(*args, **kwargs) -> None:
-        # only as a program (`python -m stages.X`): a test calling main() keeps its own streams
-        log_file = setup_logging(Path(sys.argv[0]).stem) if fn.__module__ == "__main__" else None
+        as_program = fn.__module__ == "__main__"
+        if as_program and "argparse" not in fn.__globals__:
+            name = Path(sys.argv[0]).stem
+            stage_parser(name, fn.__globals__.get("__doc__")).parse_args(sys.argv[1:])  # --help: exit 0
+        # only as a program (`python -m stages.X`): a test calling main() keeps its own streams;
+        # --help (answered by the stage's own parser) opens no log file
+        asks_help = bool({"-h", "--help"} & set(sys.argv[1:]))
+        log_file = setup_logging(Path(sys.argv[0]).stem) if as_program and not asks_help else None
         try:
             fn(*args, **kwargs)
         except DataError as exc:

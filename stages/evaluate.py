@@ -168,11 +168,12 @@ def main() -> None:
             mlflow.log_metrics({f"{name}.{k}": float(v) for k, v in res.items() if v is not None})
         for f in ("pred_vs_true.png", "region_mae.png", "tsne.png", "pred_vs_true.csv"):
             mlflow.log_artifact(str(PLOTS / f), "plots")
-        if p.evaluate.register:
-            info = log_scoring_model(bundle, card, registered_name=p.mlflow.model_name, pip_requirements=requirements(REQUIREMENTS + (("timm",) if cr["cr_encoder"] == "image" else ())))
-            version = str(info.registered_model_version)
-            alias = registry.tag_and_promote(
-                p.mlflow.model_name, version, metrics={**results[best], "val_srcc": val_srcc[best]}, dataset=p.data.name,
+        if p.evaluate.register:  # a new version only when the scoring model changed (registry.register_unless_known)
+            reqs = requirements(REQUIREMENTS + (("timm",) if cr["cr_encoder"] == "image" else ()))
+            version, alias = registry.register_unless_known(
+                p.mlflow.model_name, registry.scoring_digest(bundle, card, reqs),
+                lambda: log_scoring_model(bundle, card, registered_name=p.mlflow.model_name, pip_requirements=reqs),
+                metrics={**results[best], "val_srcc": val_srcc[best]}, dataset=p.data.name,
                 card=card, extra={"data": p.data.name, **weights_tags(card), **cr_tags(cr)},
             )
             model_card.update({"registered": f"models:/{p.mlflow.model_name}/{version}", "alias": alias})

@@ -12,6 +12,10 @@ metric beats the current champion's (strictly; a tie keeps the champion), otherw
 after re-scoring it. A champion must carry the metric to be compared: one without it (logged
 before this rule) is replaced.
 
+A version also carries ``model_sha256``, a digest of what it scores with (``model_digest``): a
+rerun of ``evaluate`` whose scoring model is unchanged (e.g. only a plot setting changed) finds
+that version (``find_version``) and registers no new one.
+
 Any ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` resolves (``resolve``) and loads
 (``load``: models logged from code only).
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -137,6 +142,83 @@ def register(model_uri: str, name: str, *, metrics: dict[str, float], dataset: s
     if alias is None:
         raise ValueError(f"{name} v{mv.version}: {metric} = {metrics[metric]!r} is not a finite number; cannot rank it")
     return str(mv.version), alias
+
+
+# ---- one version per scoring model: reruns with the same model register nothing new
+
+DIGEST_TAG = "model_sha256"
+
+
+def model_digest(obj: Any, *files: str | Path) -> str:
+    """A SHA-256 of a model's content: ``obj`` (nested dicts / lists of tensors, arrays, numbers,
+    strings, e.g. a loaded bundle) taken value by value, so two ``torch.save`` files of equal
+    content agree, plus the bytes of ``files`` (e.g. the code the served model runs)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    _feed(h, obj)
+    for f in files:
+        h.update(Path(f).read_bytes())
+    return h.hexdigest()
+
+
+def _feed(h, obj: Any) -> None:
+    import numpy as np
+    import torch
+
+    if isinstance(obj, dict):
+        h.update(b"{")
+        for k in sorted(obj, key=str):
+            h.update(repr(str(k)).encode())
+            _feed(h, obj[k])
+        h.update(b"}")
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[")
+        for v in obj:
+            _feed(h, v)
+        h.update(b"]")
+    elif isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(obj, np.ndarray):
+        h.update(f"A{obj.dtype}{obj.shape}".encode())
+        h.update(np.ascontiguousarray(obj).tobytes())
+    else:
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def find_version(name: str, digest: str, client: MlflowClient | None = None):
+    """The newest version of ``name`` tagged with ``digest`` (None when there is none)."""
+    client = client or MlflowClient()
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    same = [v for v in versions if (v.tags or {}).get(DIGEST_TAG) == digest]
+    return max(same, key=lambda v: int(v.version)) if same else None
+
+
+def scoring_digest(bundle: str | Path, card: dict, requirements: list[str]) -> str:
+    """``model_digest`` of a TMCR scoring model: the bundle's content, the CLIP card, the pinned
+    requirements and the code the served model runs."""
+    from pipelines.io import load_torch
+
+    here = Path(__file__).parent
+    return model_digest([load_torch(bundle), card, list(requirements)], here / "scoring.py", here / "served_model.py")
+
+
+def register_unless_known(name: str, digest: str, log_model, **tag_kwargs) -> tuple[str, str | None]:
+    """The version of ``name`` tagged ``digest`` and its alias when one exists (nothing is logged);
+    else ``log_model()`` (which registers a new version), tagged with ``digest`` and promoted by
+    ``tag_and_promote(**tag_kwargs)``. Returns (version, alias)."""
+    same = find_version(name, digest)
+    if same is not None:  # (search results carry no aliases: read the version itself)
+        aliases = MlflowClient().get_model_version(name, str(same.version)).aliases or []
+        return str(same.version), (sorted(aliases) or [None])[0]
+    version = str(log_model().registered_model_version)
+    extra = {**(tag_kwargs.pop("extra", None) or {}), DIGEST_TAG: digest}
+    return version, tag_and_promote(name, version, extra=extra, **tag_kwargs)
 
 
 def parse_uri(uri: str) -> tuple[str, str | None, str | None]:

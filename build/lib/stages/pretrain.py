@@ -1,0 +1,70 @@
+"""Stage `pretrain`: traversal contrastive learning of the CR encoder (Ray Train).
+
+``pretrain.encoder: embedding`` trains the MLP over the cached CLIP embedding;
+``image`` trains ``pretrain.image.backbone`` on the images (the paper's design).
+"""
+
+import os
+
+import torch
+
+from pipelines.config import as_dict
+from pipelines.io import DataError
+from pipelines.ranking.backbone import cr_card, create_backbone
+from pipelines.train.data import embedding_files, load_features
+from pipelines.ranking.pretrain import ENCODERS, image_speed, pretrain_images, pretrain_loop, steps_of
+from pipelines.train.precision import PRECISIONS, check_speed, resolve_precision
+from stages.common import FEATURES, IMAGE_EMB, INDEX, MANIFEST, MODELS, cli, params
+from stages.training import train_stage
+
+
+def pretrain_config(p) -> tuple[dict, list]:
+    """The loop's config and its input files (for the resume fingerprint); bad params fail here, before Ray starts."""
+    c = p.pretrain
+    if c.encoder not in ENCODERS:
+        raise DataError(f"params.yaml: pretrain.encoder = {c.encoder!r}; use one of {', '.join(ENCODERS)}.")
+    try:
+        steps_of(c.batches_per_step, max(c.ray.num_workers, 1))
+    except ValueError as exc:
+        raise DataError(f"params.yaml: {exc}.") from None
+    config = {
+        "encoder": c.encoder, "features_path": FEATURES, "embeddings_path": IMAGE_EMB, "index_path": INDEX, "epochs": c.epochs,
+        "lr": c.lr, "weight_decay": c.weight_decay, "tau": c.tau, "hidden": c.hidden, "dim": c.dim, "dropout": c.dropout,
+        "batches_per_cluster": c.batches_per_cluster, "batches_per_step": c.batches_per_step, "low": p.index.low, "high": p.index.high,
+    }
+    if c.encoder == "embedding":
+        return config, [FEATURES, *embedding_files(IMAGE_EMB), INDEX]
+    img = c.image
+    if img.precision not in PRECISIONS:
+        raise DataError(f"params.yaml: pretrain.image.precision = {img.precision!r}; use one of {', '.join(PRECISIONS)}.")
+    if not 1 <= img.image_size <= img.resize:
+        raise DataError(f"params.yaml: pretrain.image: need 1 <= image_size <= resize, got {img.image_size} and {img.resize}.")
+    check_device_options(as_dict(img), c.ray.use_gpu, "pretrain.image")
+    create_backbone(img.backbone, img.weights)  # unknown name, unfit checkpoint, offline hub: a clear error now
+    config.update(embeddings_path=None, manifest_path=MANIFEST, root=os.getcwd(), image=as_dict(img), epochs=img.epochs,
+                  batches_per_cluster=img.batches_per_cluster)
+    pretrain_images({**config, "index_path": str(INDEX)}, load_features(FEATURES, None).split_of("train"))
+    weights = [img.weights] if os.path.isfile(img.weights) else []
+    return config, [FEATURES, INDEX, MANIFEST, *weights]
+
+
+def check_device_options(img: dict, use_gpu: bool, key: str) -> None:
+    """Refuse, before Ray starts, a precision or speed option that the training device cannot
+    honour (checked here when this machine has that device; the workers check again at start)."""
+    if use_gpu and not torch.cuda.is_available():
+        return  # the GPUs are on the cluster's workers
+    device = torch.device("cuda" if use_gpu else "cpu")
+    resolve_precision(img.get("precision", "auto"), device, key=f"{key}.precision")
+    check_speed(image_speed(img), device, key=key)
+
+
+@cli
+def main() -> None:
+    p = params()
+    config, inputs = pretrain_config(p)
+    train_stage("pretrain", pretrain_loop, config, p.pretrain.ray, inputs=inputs, model_out=MODELS / "cr_encoder.pt",
+                cr=lambda state: cr_card(state["spec"]))
+
+
+if __name__ == "__main__":
+    main()
