@@ -182,7 +182,7 @@ def test_dvc_repro_end_to_end(baseline):
     # E_CR on pixels: one key reruns pretrain and what follows, nothing before it
     exp = dvc(repo, env, "exp", "run", "-S", "pretrain.encoder=image")
     ran = {line.split("'")[1] for line in exp.stdout.splitlines() if line.startswith("Running stage")}
-    assert ran == {"pretrain", "cr_features", "head", "pseudo_search", "selftrain", "evaluate"}, ran
+    assert ran == {"validate_params", "pretrain", "cr_features", "head", "pseudo_search", "selftrain", "evaluate"}, ran
     for f in ("pretrain", "head", "selftrain", "pseudo_search", "eval"):  # the random backbone is stamped
         assert json.loads((repo / f"metrics/{f}.json").read_text())["cr_random_weights"] is True, f
     details = json.loads((repo / "metrics/details/eval.json").read_text())
