@@ -190,6 +190,7 @@ def test_model_loads_and_scores_with_only_its_requirements(logged, kind):
     assert got["after_big_rss_mb"] - got["idle_rss_mb"] < 250
 
 
+@pytest.mark.slow
 def test_blocked_import_fails_loudly(logged):
     """The guard is real: with open_clip left out, the TMCR model cannot load."""
     local, tmp = logged
