@@ -11,9 +11,16 @@ embed stage, the image tower on the embed stage's precision path (``precision``,
 ``TagMatcher`` and ``predict_logits`` as in training and the evaluate stage.
 
 ``FamilyScorer`` (artifact ``family``, ``stages/family.py``): the saved family state
-(``models/family.pt``: ``arch``, ``model``, ``config``), rebuilt with
-``pipelines.models.image_loop.model_from_state`` and fed pixels preprocessed exactly as the
-training-time ``predict`` does. Output: score, distribution.
+(``models/family.pt``: ``arch``, ``model``, ``config``), rebuilt as
+``pipelines.models.image_loop.model_from_state`` does (``family_model``) and fed pixels
+preprocessed exactly as the training-time ``predict`` does. Output: score, distribution.
+
+What loading imports: only what scoring needs (torch, open_clip for TMCR, numpy, pandas,
+PIL, mlflow and the light parts of ``pipelines``): no Ray, no training loops, no DVC, no
+params parser. ``SERVED_REQUIREMENTS`` declares exactly those distributions (pinned) with
+the model, so ``mlflow models serve --env-manager virtualenv`` or a container built from the
+model's own requirements can load it. After loading, and after a request with a very large
+image, freed memory is handed back to the OS (``release_memory``).
 
 Every request goes through the same steps (``Scorer.predict``): check the request (its
 columns, at most ``max_rows`` rows), then per batch of rows: read the row's bytes (``image``
@@ -239,6 +246,98 @@ def output_frame(rows: list[dict[str, Any]], columns: list[str]) -> pd.DataFrame
     return pd.DataFrame({c: pd.Series([r.get(c) for r in rows], dtype=object) for c in columns})
 
 
+BIG_PIXELS = 4_000_000  # a request with an image above this many pixels hands freed memory back to the OS after
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the OS: ``gc.collect()`` then glibc's ``malloc_trim(0)``
+    (a no-op where there is no glibc). Without it, the buffers of a few very large images stay
+    in glibc's arenas and the server's RSS stays at its peak."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name:
+        try:
+            ctypes.CDLL(name).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
+
+
+def drop_text_tower(model: torch.nn.Module) -> None:
+    """Free an open_clip model's text tower: the served model has its tags' text embeddings in
+    the bundle and only ever encodes images (ViT-B-32: 63 M parameters, ~250 MB)."""
+    for name in ("transformer", "token_embedding", "ln_final", "text"):
+        if isinstance(getattr(model, name, None), torch.nn.Module):
+            setattr(model, name, None)
+    for name in ("positional_embedding", "text_projection"):
+        if isinstance(getattr(model, name, None), torch.nn.Parameter):
+            setattr(model, name, None)
+    if isinstance(getattr(model, "attn_mask", None), torch.Tensor) and "attn_mask" in model._buffers:
+        model._buffers["attn_mask"] = None
+
+
+class TagScores:
+    """Tag matching for one request: ``scale * E @ [T_sem | T_attr].T`` in float32, the same
+    arithmetic as ``pipelines.semantics.TagMatcher`` (which training, evaluation and the ONNX
+    graph use; ``tests/test_serve_imports.py`` checks they agree bit for bit) without importing
+    scikit-learn's K-means beside it."""
+
+    def __init__(self, tag_emb: np.ndarray, kinds: list[str], scale: float = 1.0) -> None:
+        kinds_a = np.asarray(kinds)
+        unknown = sorted(set(kinds_a.tolist()) - {"semantic", "attribute"})
+        if unknown:
+            raise ValueError(f"tag kinds must be 'semantic' or 'attribute', got {unknown}")
+        sem, attr = np.flatnonzero(kinds_a == "semantic"), np.flatnonzero(kinds_a == "attribute")
+        rows = np.asarray(tag_emb, dtype=np.float32)[np.concatenate([sem, attr])]
+        self.weight = torch.from_numpy(np.ascontiguousarray(rows.T))  # D x (M + A)
+        self.n_sem, self.scale = int(sem.size), float(scale)
+
+    @property
+    def dim(self) -> int:
+        return int(self.weight.shape[1])
+
+    def __call__(self, emb: torch.Tensor) -> torch.Tensor:
+        w = self.weight if self.weight.device == emb.device else self.weight.to(emb.device)
+        out = emb.to(torch.float32) @ w
+        return out * self.scale if self.scale != 1.0 else out
+
+    def numpy(self, emb: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return self(torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32))).numpy()
+
+    def split(self, tm):
+        return tm[:, : self.n_sem], tm[:, self.n_sem :]
+
+
+FAMILY_MODES = {"square": "resize", "keep": "short_side"}  # arch aspect -> resize mode at prediction
+
+
+def family_aspect(arch: dict) -> str:
+    """The ``aspect`` a family model was trained with (``square`` for files saved before it was
+    recorded), as ``pipelines.models.image_loop.arch_aspect``."""
+    from pipelines.io import DataError
+
+    aspect = arch.get("aspect", "square")
+    if aspect not in FAMILY_MODES:
+        raise DataError(f"model.aspect = {aspect!r}; use one of {tuple(FAMILY_MODES)}.")
+    return aspect
+
+
+def family_model(state: dict) -> torch.nn.Module:
+    """A trained family model from its saved state (``arch`` + ``model``), in eval mode, as
+    ``pipelines.models.image_loop.model_from_state`` rebuilds it, without the training loop's imports."""
+    from pipelines.models import build
+
+    arch = state["arch"]
+    opts = {k: v for k, v in arch["options"].items() if k != "weights"}
+    model = build(arch["family"], arch["n_levels"], opts)
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
 class Scorer:
     """decode -> validate -> per-image transform -> batch -> model, for every request (``predict``)."""
 
@@ -263,16 +362,22 @@ class Scorer:
         df = check_request(model_input, self.limits)
         params = self.check_params(params)
         rows: list[dict | None] = [None] * len(df)
+        big = False
         for start in range(0, len(df), self.batch_size):  # read and score batch by batch
             ready: list[tuple[int, Any]] = []
             for i in range(start, min(start + self.batch_size, len(df))):
                 try:
-                    ready.append((i, self.transform(decode_image(row_bytes(df.iloc[i], self.limits), self.limits))))
+                    image = decode_image(row_bytes(df.iloc[i], self.limits), self.limits)
+                    big = big or image.width * image.height > BIG_PIXELS
+                    ready.append((i, self.transform(image)))
+                    del image
                 except Exception as exc:  # noqa: BLE001 - per-row error: one bad image must not sink the request
                     rows[i] = error_row(exc)
             if ready:
                 for (i, _), out in zip(ready, self.score_batch([x for _, x in ready], params), strict=True):
                     rows[i] = out
+        if big:  # the decoded pixels are freed; give their pages back rather than keep the peak
+            release_memory()
         return output_frame(rows, self.columns)
 
 
@@ -284,8 +389,8 @@ class TMCRScorer(Scorer):
     def __init__(self, artifacts: dict[str, str], limits: Limits) -> None:
         from pipelines.embed.clip import load_clip
         from pipelines.embed.encode import BUILDERS, ImageDecoder
-        from pipelines.io import load_torch
         from pipelines.heads.build import head_from_arch
+        from pipelines.io import load_torch
 
         super().__init__(limits)
         b = load_torch(artifacts["bundle"])
@@ -294,25 +399,31 @@ class TMCRScorer(Scorer):
         pretrained = artifacts.get("clip_checkpoint")
         if pretrained is None:
             pretrained = "none" if card["random_weights"] else card["pretrained"]
-        self.clip = load_clip(model_ref, pretrained, allow_random_fallback=False, seed=card["init_seed"])
-        if self.clip.random_weights != bool(card["random_weights"]):
-            raise RuntimeError(f"CLIP weights differ from training: {self.clip.weights} vs {card['weights']}")
+        clip = load_clip(model_ref, pretrained, allow_random_fallback=False, seed=card["init_seed"])
+        if clip.random_weights != bool(card["random_weights"]):
+            raise RuntimeError(f"CLIP weights differ from training: {clip.weights} vs {card['weights']}")
+        drop_text_tower(clip.model)  # the tag embeddings are in the bundle: scoring never encodes text
         self.head = head_from_arch(b["arch"])
         self.head.load_state_dict(b["model"])
         self.head.eval()
         self.precision = b.get("precision", "fp32")  # bundles written before it was recorded: fp32
         self.batch_size = int(b.get("batch_size", 64))
-        self.decoder = ImageDecoder(self.clip.preprocess)
-        self.encode = BUILDERS[self.precision](self.clip)
+        self.decoder = ImageDecoder(clip.preprocess)
+        self.encode = BUILDERS[self.precision](clip)
+        if self.precision != "fp32":  # the int8 / bf16 tower is a copy: the fp32 one is no longer needed
+            clip.model.visual = None
+        self.clip_ref = {"model": model_ref, "pretrained": pretrained, "weights": clip.weights}
+        del clip
         self.tags, self.kinds = np.asarray(b["tags"]), list(b["kinds"])
-        from pipelines.semantics import TagMatcher
-
-        self.matcher, self.card = TagMatcher(b["tag_emb"].numpy(), self.kinds, float(b["scale"])), card
+        self.matcher, self.card = TagScores(b["tag_emb"].numpy(), self.kinds, float(b["scale"])), card
         kinds = np.asarray(self.kinds)
         self.names = {k: self.tags[kinds == k] for k in ("semantic", "attribute")}
-        from pipelines.ranking.cr_features import cr_backbone_from_bundle
+        self.cr_backbone = None
+        if b.get("cr_encoder") is not None:  # image E_CR: its CR input from pixels (needs timm)
+            from pipelines.ranking.cr_features import cr_backbone_from_bundle
 
-        self.cr_backbone = cr_backbone_from_bundle(b.get("cr_encoder"))  # image E_CR: its CR input from pixels
+            self.cr_backbone = cr_backbone_from_bundle(b["cr_encoder"])
+        release_memory()
 
     def transform(self, image) -> Any:
         item = self.decoder.transform(image)  # the embed stage's per-image step (uint8 array)
@@ -362,17 +473,17 @@ class FamilyScorer(Scorer):
 
     def __init__(self, artifacts: dict[str, str], limits: Limits) -> None:
         from pipelines.io import load_torch
-        from pipelines.models.image_loop import arch_aspect, model_from_state, predict_mode
 
         super().__init__(limits)
         state = load_torch(artifacts["family"])
-        self.model = model_from_state(state)
+        self.model = family_model(state)
         arch = state["arch"]
-        self.family, self.size, self.aspect = arch["family"], int(arch["image_size"]), arch_aspect(arch)
-        self.mode = predict_mode(self.aspect)
+        self.family, self.size, self.aspect = arch["family"], int(arch["image_size"]), family_aspect(arch)
+        self.mode = FAMILY_MODES[self.aspect]
+        release_memory()
 
     def transform(self, image) -> torch.Tensor:
-        from pipelines.models.image_loop import image_tensor, normalise
+        from pipelines.images import image_tensor, normalise
 
         return normalise(image_tensor(image, (self.size, self.size), self.mode))
 
@@ -430,18 +541,51 @@ def input_example() -> pd.DataFrame:
     return pd.DataFrame({"image": [base64.b64encode(buf.getvalue()).decode("ascii")]})
 
 
-def log_scoring_model(bundle_path: Path, card: dict, *, registered_name: str | None, pip_requirements: list[str]) -> Any:
-    """Log the TMCR pyfunc model in the active run (and register it when a name is given)."""
+# What each kind of served model imports (``tests/test_serve_imports.py`` loads and scores each
+# one with every other installed package blocked): distributions, pinned at log time.
+SERVED_REQUIREMENTS = {
+    "tmcr": ("torch", "torchvision", "open_clip_torch", "numpy", "pandas", "pillow", "mlflow"),
+    "aesaf": ("torch", "numpy", "pandas", "pillow", "mlflow"),
+    "mnet": ("torch", "torchvision", "numpy", "pandas", "pillow", "mlflow"),  # MobileNetV2 sub-branches
+}
+IMAGE_CR_REQUIREMENTS = ("timm",)  # a TMCR bundle whose E_CR reads pixels builds a timm backbone
+
+
+def served_requirements(kind: str, *, image_cr: bool = False) -> list[str]:
+    """The pinned pip requirements of a served model of ``kind`` (``tmcr``, or a family: ``aesaf``, ``mnet``):
+    exactly the distributions its scoring code imports, at the installed versions."""
+    if kind not in SERVED_REQUIREMENTS:
+        raise ValueError(f"kind must be one of {sorted(SERVED_REQUIREMENTS)}, got {kind!r}")
+    return requirements(SERVED_REQUIREMENTS[kind] + (IMAGE_CR_REQUIREMENTS if image_cr else ()))
+
+
+def bundle_requirements(bundle_path: Path) -> list[str]:
+    """``served_requirements`` of a TMCR bundle (``timm`` only when its E_CR reads pixels)."""
+    from pipelines.io import load_torch
+
+    return served_requirements("tmcr", image_cr=load_torch(bundle_path).get("cr_encoder") is not None)
+
+
+def log_scoring_model(bundle_path: Path, card: dict, *, registered_name: str | None,
+                      pip_requirements: list[str] | None = None) -> Any:
+    """Log the TMCR pyfunc model in the active run (and register it when a name is given).
+    ``pip_requirements``: None (the default) declares ``bundle_requirements(bundle_path)``."""
     artifacts = {"bundle": str(bundle_path)}
     if str(card["model"]).endswith(".json"):
         artifacts["clip_config"] = str(Path(card["model"]).resolve())
     if str(card["weights"]).startswith("checkpoint:"):
         artifacts["clip_checkpoint"] = str(Path(card["weights"].split(":", 1)[1]).resolve())
-    return _log_model(artifacts, signature(), registered_name, pip_requirements)
+    reqs = bundle_requirements(bundle_path) if pip_requirements is None else pip_requirements
+    return _log_model(artifacts, signature(), registered_name, reqs)
 
 
-def log_family_model(state_path: Path, *, registered_name: str | None, pip_requirements: list[str]) -> Any:
-    """Log an image-family pyfunc model (``FamilyScorer``) in the active run (and register it when a name is given)."""
+def log_family_model(state_path: Path, *, registered_name: str | None, pip_requirements: list[str] | None = None) -> Any:
+    """Log an image-family pyfunc model (``FamilyScorer``) in the active run (and register it when a
+    name is given). ``pip_requirements``: None (the default) declares ``served_requirements`` of its family."""
+    from pipelines.io import load_torch
+
+    if pip_requirements is None:
+        pip_requirements = served_requirements(str(load_torch(state_path)["arch"]["family"]))
     return _log_model({"family": str(state_path)}, family_signature(), registered_name, pip_requirements)
 
 
@@ -462,8 +606,8 @@ def _log_model(artifacts: dict[str, str], sig, registered_name: str | None, pip_
     )
 
 
-def requirements(packages: tuple[str, ...] = ("torch", "torchvision", "numpy", "pandas", "pillow", "mlflow")) -> list[str]:
-    """Pinned pip requirements (the installed versions) for a logged model."""
+def requirements(packages: tuple[str, ...] = SERVED_REQUIREMENTS["mnet"]) -> list[str]:
+    """Pinned pip requirements (the installed versions) of ``packages``."""
     from importlib.metadata import version
 
     return [f"{pkg}=={version(pkg)}" for pkg in packages]
