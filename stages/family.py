@@ -43,10 +43,10 @@ def register_family(p: Params, family: str, test_metrics: dict, val_srcc: float,
     """Log ``MODEL_OUT`` as a pyfunc family model in the active run, register, tag and promote it (as
     ``stages/evaluate.py`` does for TMCR). Returns ``{"registered": "models:/NAME/VERSION", "alias": ...}``."""
     from pipelines.tracking import registry
-    from pipelines.tracking.scoring import log_family_model, requirements
+    from pipelines.tracking.scoring import log_family_model
 
     name = registered_name(p, family)
-    info = log_family_model(MODEL_OUT.resolve(), registered_name=name, pip_requirements=requirements())
+    info = log_family_model(MODEL_OUT.resolve(), registered_name=name)  # its own exact requirements
     version = str(info.registered_model_version)
     extra = {"data": p.data.name, "family": family, "random_weights": str(bool(random_backbone)).lower(),
              "backbone_weights": weights or "random"}
