@@ -141,7 +141,31 @@ def write_table(table, out: Path) -> None:
         write_scores(table, out)
 
 
+def score_onnx(args: argparse.Namespace, files: list[Path]):
+    """Score ``files`` with an exported ONNX file (``iaa export``) on ONNX Runtime: no torch imported."""
+    import pandas as pd
+
+    from pipelines.export.ort import OnnxScorer
+
+    scorer = OnnxScorer(args.model, threads=args.threads or None)
+    paths = [str(f) for f in files]
+    rows = []
+    for start in range(0, len(paths), args.batch_size):
+        rows += scorer.score_paths(paths[start : start + args.batch_size], top_k=args.top_k, batch_size=args.batch_size)
+    return pd.DataFrame([{"path": p, **r} for p, r in zip(paths, rows, strict=True)])
+
+
 def cmd_score(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise DataError(f"--batch-size {args.batch_size}: give a whole number >= 1.")
+    if args.model.endswith(".onnx"):  # an exported file: ONNX Runtime
+        if not Path(args.model).is_file():
+            raise DataError(f"MODEL {args.model}: no such file; export one with `iaa export models:/NAME@ALIAS {args.model}`.")
+        if args.device != "cpu":
+            raise DataError(f"--device {args.device}: ONNX scoring runs on the CPU here; use --device cpu.")
+        _check_out(args.out, args.overwrite)
+        table = score_onnx(args, expand_inputs(args.inputs, args.all_files))
+        return _write_scores(table, args.out)
     import torch
 
     from pipelines.tracking.registry import load, parse_uri, resolve
@@ -162,13 +186,17 @@ def cmd_score(args: argparse.Namespace) -> int:
     root = os.path.commonpath([str(f.resolve().parent) for f in files])  # paths under the inputs only
     model = load(args.model, path_root=root)
     table = score_files(model, files, batch_size=args.batch_size, top_k=args.top_k, progress=not args.no_progress)
+    return _write_scores(table, args.out)
+
+
+def _write_scores(table, out: Path) -> int:
     bad = table["error"].notna()
     if bad.all():
         raise DataError(f"INPUT {table['path'].iloc[0]}: cannot be scored ({table['error'].iloc[0]}); "
                         "give JPEG, PNG, BMP, GIF, TIFF or WebP images. Nothing written.")
-    write_table(table, args.out)
+    write_table(table, out)
     n_bad = int(bad.sum())
-    print(f"scored {len(table) - n_bad}/{len(table)} images -> {args.out}"
+    print(f"scored {len(table) - n_bad}/{len(table)} images -> {out}"
           + (f" ({n_bad} with errors: see the 'error' column)" if n_bad else ""), file=sys.stderr)
     return 0
 
@@ -235,7 +263,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         resolve(source)
     elif not Path(source).exists():
         raise DataError(f"SOURCE {source}: no such file; give models:/NAME@ALIAS, models:/NAME/VERSION or a model file.")
-    export_model(source, args.out, overwrite=args.overwrite)
+    export_model(source, args.out, overwrite=args.overwrite, quantize=args.quantize)
     print(f"exported {source} -> {args.out}", file=sys.stderr)
     return 0
 
@@ -321,7 +349,7 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("score", help="score images with a registered model",
                        description="Score images: files, folders (recursive), globs, or CSVs of paths. One row per image: "
                                    "path, score, distribution, top tags, error (a bad image gets an error row).")
-    s.add_argument("model", help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    s.add_argument("model", help="models:/NAME@ALIAS, models:/NAME/VERSION, or an exported .onnx file (ONNX Runtime, no torch)")
     s.add_argument("inputs", nargs="+", metavar="INPUT", help="an image, a folder, a glob (quoted), or a .csv with a 'path' column")
     s.add_argument("--out", "-o", required=True, type=Path, help="scores.csv, scores.json or scores.parquet")
     s.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
@@ -352,6 +380,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("source", help="models:/NAME@ALIAS, models:/NAME/VERSION or a model file")
     e.add_argument("out", type=Path, help="the .onnx file to write")
     e.add_argument("--overwrite", action="store_true", help="replace OUT when it exists")
+    e.add_argument("--quantize", choices=["int8"], default=None, help="int8: dynamic int8 weights (faster on CPU)")
     _store_args(e)
     e.set_defaults(func=cmd_export)
 

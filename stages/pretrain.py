@@ -5,6 +5,7 @@
 """
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -18,9 +19,12 @@ from stages.common import FEATURES, IMAGE_EMB, INDEX, MANIFEST, MODELS, cli, par
 from stages.training import train_stage
 
 
-def pretrain_config(p) -> tuple[dict, list]:
-    """The loop's config and its input files (for the resume fingerprint); bad params fail here, before Ray starts."""
+def pretrain_config(p, root: Path = Path(".")) -> tuple[dict, list]:
+    """The loop's config and its input files (for the resume fingerprint), with the data under ``root``
+    (the stage: the repo, relative; a Tune trial: the repo's absolute path). Bad params fail here, before
+    Ray starts. The stage and Tune both build their config with it."""
     c = p.pretrain
+    features, emb, index = root / FEATURES, root / IMAGE_EMB, root / INDEX
     if c.encoder not in ENCODERS:
         raise DataError(f"params.yaml: pretrain.encoder = {c.encoder!r}; use one of {', '.join(ENCODERS)}.")
     try:
@@ -28,12 +32,12 @@ def pretrain_config(p) -> tuple[dict, list]:
     except ValueError as exc:
         raise DataError(f"params.yaml: {exc}.") from None
     config = {
-        "encoder": c.encoder, "features_path": FEATURES, "embeddings_path": IMAGE_EMB, "index_path": INDEX, "epochs": c.epochs,
+        "encoder": c.encoder, "features_path": features, "embeddings_path": emb, "index_path": index, "epochs": c.epochs,
         "lr": c.lr, "weight_decay": c.weight_decay, "tau": c.tau, "hidden": c.hidden, "dim": c.dim, "dropout": c.dropout,
         "batches_per_cluster": c.batches_per_cluster, "batches_per_step": c.batches_per_step, "low": p.index.low, "high": p.index.high,
     }
     if c.encoder == "embedding":
-        return config, [FEATURES, *embedding_files(IMAGE_EMB), INDEX]
+        return config, [features, *embedding_files(emb), index]
     img = c.image
     if img.precision not in PRECISIONS:
         raise DataError(f"params.yaml: pretrain.image.precision = {img.precision!r}; use one of {', '.join(PRECISIONS)}.")
@@ -41,11 +45,12 @@ def pretrain_config(p) -> tuple[dict, list]:
         raise DataError(f"params.yaml: pretrain.image: need 1 <= image_size <= resize, got {img.image_size} and {img.resize}.")
     check_device_options(as_dict(img), c.ray.use_gpu, "pretrain.image")
     create_backbone(img.backbone, img.weights)  # unknown name, unfit checkpoint, offline hub: a clear error now
-    config.update(embeddings_path=None, manifest_path=MANIFEST, root=os.getcwd(), image=as_dict(img), epochs=img.epochs,
+    manifest = root / MANIFEST
+    config.update(embeddings_path=None, manifest_path=manifest, root=str(root.resolve()), image=as_dict(img), epochs=img.epochs,
                   batches_per_cluster=img.batches_per_cluster)
-    pretrain_images({**config, "index_path": str(INDEX)}, load_features(FEATURES, None).split_of("train"))
+    pretrain_images({**config, "index_path": str(index)}, load_features(features, None).split_of("train"))
     weights = [img.weights] if os.path.isfile(img.weights) else []
-    return config, [FEATURES, INDEX, MANIFEST, *weights]
+    return config, [features, index, manifest, *weights]
 
 
 def check_device_options(img: dict, use_gpu: bool, key: str) -> None:

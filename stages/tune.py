@@ -64,8 +64,8 @@ def head_steps(p: Params, trial_dir: Path, *, root: str) -> list[Step]:
 def pretrain_steps(p: Params, trial_dir: Path, *, root: str) -> list[Step]:
     root = Path(root)
     cr = str(trial_dir / "cr_encoder.pt")
-    config, _ = pretrain_config(p)  # the stage's own config: one builder for the stage and Tune
-    config = {k: _abs(root, v) if k.endswith("_path") and v else v for k, v in config.items()}
+    config, _ = pretrain_config(p, root.resolve())  # the stage's own config: one builder for the stage and Tune
+    config = {k: str(v) if k.endswith("_path") and v else v for k, v in config.items()}
     pre = Step("pretrain", pretrain_loop, config, save_to=cr)
     # the trial trains the embedding E_CR (an MLP spec has no "kind"); its file exists only once the step ran
     return [pre, _head_step(p, root, cr, "tune-pretrain-head", cr_spec={})]

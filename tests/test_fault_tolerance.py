@@ -18,7 +18,8 @@ from pipelines.io import write_parquet
 from pipelines.ranking.index import build_index
 from pipelines.train.data import embedding_files, load_features
 from pipelines.ranking.pretrain import pretrain_loop
-from pipelines.train.runner import run_training
+from pipelines.io import DataError
+from pipelines.train.runner import CHECKPOINT_VERSION, run_training
 from tests.synthetic import make_features
 
 EPOCHS = 5
@@ -140,7 +141,11 @@ def test_run_killed_after_its_last_epoch_finishes_from_its_state(tmp_path, monke
     assert (run_dir / RUN_ID_FILE).read_text() == killed
     (run_dir / "checkpoint").mkdir(parents=True)
     final = {"model": {"w": torch.ones(2)}, "epoch": 2, "metrics": {"epoch": 2, "loss": 0.25}}
-    torch.save(final, run_dir / "checkpoint" / STATE_FILE)
+    torch.save(final, run_dir / "checkpoint" / STATE_FILE)  # a checkpoint of the layout before the training core
+    with pytest.raises(DataError, match=r"a resume checkpoint of layout 1; this code reads layout 2.*Delete .*s-.*rerun the stage"):
+        run_training(lambda c: None, {**config, "run_id": new, "tracking_uri": uri}, TrainParams(num_workers=0),
+                     stage="s", inputs=[str(tmp_path / "in")])
+    torch.save({**final, "core_version": CHECKPOINT_VERSION}, run_dir / "checkpoint" / STATE_FILE)
 
     def must_not_train(config):
         raise AssertionError("trained again")

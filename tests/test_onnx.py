@@ -161,3 +161,17 @@ def test_bad_export_inputs_are_clear_errors_and_write_nothing(tmcr, tmp_path):
     assert OnnxScorer(out / "a.onnx").kind == "tmcr" and sorted(p.name for p in out.iterdir()) == ["a.onnx"]
     with pytest.raises(DataError, match="ONNX file .*nope.onnx.* not found; write it with `iaa export`"):
         OnnxScorer(out / "nope.onnx")
+
+
+def test_iaa_scores_a_folder_with_an_onnx_file(tmcr, tmp_path):
+    from pipelines.cli import main
+
+    paths = images(tmp_path / "imgs")
+    out = tmp_path / "scores.csv"
+    assert main(["score", str(tmcr / "tmcr.onnx"), str(tmp_path / "imgs"), "--out", str(out), "--no-progress"]) == 0
+    got = pd.read_csv(out).set_index("path")["score"]
+    ref = {p: r["score"] for p, r in zip(paths, OnnxScorer(tmcr / "tmcr.onnx").score_paths(paths))}
+    assert len(got) == len(paths) and all(abs(got[str(p)] - s) < 1e-6 for p, s in ref.items())
+    before = out.read_bytes()  # an existing output is refused, nothing written over it
+    assert main(["score", str(tmcr / "tmcr.onnx"), str(tmp_path / "imgs"), "--out", str(out)]) == 2
+    assert out.read_bytes() == before
