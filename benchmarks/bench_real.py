@@ -20,7 +20,12 @@ labelled val for the search and for every model's epoch / alpha selection.
 Hyper-parameters are the pipeline's ``params.yaml`` values. Baselines on the same split: ridge,
 a LAION-style linear head (MSE), a plain MLP with EMD loss. Ablations: TM only, CR only,
 no balanced sampling (E_CR pretrained on same-size batches drawn at random within the
-cluster), no TFA/FLSA, no self-training.
+cluster), no TFA/FLSA, no self-training, E_CR fine-tuned (``ft``).
+
+Diagnosis and tuning: ``--no-selftrain`` (heads only), ``--curves`` (per-epoch train / val
+curves in each row), ``--cr-cache DIR`` (reuse pretrained E_CR between runs), ``--search
+SPACE.yaml`` (a seeded random search over ``head.*`` keys, selected on val SRCC),
+``--recipe training/real_features`` (the tuned real-feature defaults over ``params.yaml``).
 """
 
 from __future__ import annotations
