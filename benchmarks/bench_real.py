@@ -20,7 +20,12 @@ labelled val for the search and for every model's epoch / alpha selection.
 Hyper-parameters are the pipeline's ``params.yaml`` values. Baselines on the same split: ridge,
 a LAION-style linear head (MSE), a plain MLP with EMD loss. Ablations: TM only, CR only,
 no balanced sampling (E_CR pretrained on same-size batches drawn at random within the
-cluster), no TFA/FLSA, no self-training.
+cluster), no TFA/FLSA, no self-training, E_CR fine-tuned (``ft``).
+
+Diagnosis and tuning: ``--no-selftrain`` (heads only), ``--curves`` (per-epoch train / val
+curves in each row), ``--cr-cache DIR`` (reuse pretrained E_CR between runs), ``--search
+SPACE.yaml`` (a seeded random search over ``head.*`` keys, selected on val SRCC),
+``--recipe training/real_features`` (the tuned real-feature defaults over ``params.yaml``).
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ from benchmarks.real_data import (  # noqa: E402
     shared_data,
 )
 from pipelines.config import TrainParams, as_dict, load_params  # noqa: E402
-from pipelines.io import write_json, write_parquet  # noqa: E402
+from pipelines.io import DataError, write_json, write_parquet  # noqa: E402
 from pipelines.metrics import dist_to_score, srcc  # noqa: E402
 from pipelines.ranking.index import build_index  # noqa: E402
 from pipelines.selftrain.pseudo import pseudo_labels  # noqa: E402
@@ -66,7 +71,7 @@ from pipelines.train.runner import run_training  # noqa: E402
 LOCAL = TrainParams(num_workers=0, use_gpu=False, cpus_per_worker=1)
 ELTA_ROW = "EMD-MLP + ELTA"
 MLP_ROW = "baseline: MLP (EMD)"
-PIPELINE_ROWS = {"full", "tm", "cr", "natural", "notfa"}
+PIPELINE_ROWS = {"full", "tm", "cr", "natural", "notfa", "ft"}
 CORPORA = ("dpc_captions/impression_and_subject.json", "pccd", "food_iac/data")
 COLUMNS = [
     ("srcc", "SRCC"), ("plcc", "PLCC"), ("mse", "MSE"), ("acc", "ACC"), ("emd1", "EMD1"), ("emd2", "EMD2"),
@@ -124,18 +129,33 @@ def main() -> None:
     ap.add_argument("--max-attribute", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    ap.add_argument("--recipe", default=None,
+                    help="a recipe under config/recipes merged over --params first, e.g. training/real_features "
+                         "(the tuned head / self-training defaults for real features)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a pipeline param for this run, e.g. --set head.protocol=fine_tune (repeatable)")
     ap.add_argument("--variants", default="full,tm,cr,natural,notfa,mlp_elta",
                     help="comma list of rows: full (also gives 'no self-training'), tm, cr, natural, notfa, "
-                         "mlp_elta (EMD-MLP + TFA/FLSA and + ELTA), none")
+                         "ft (E_CR fine-tuned with the head), mlp_elta (EMD-MLP + TFA/FLSA and + ELTA), none")
+    ap.add_argument("--no-selftrain", action="store_true",
+                    help="pipeline rows stop after the head (no APDS search, no self-training): a faster diagnosis")
+    ap.add_argument("--cr-cache", type=Path, default=None,
+                    help="folder that keeps pretrained E_CR weights between runs, keyed by seed, data and the "
+                         "pretrain / index / cluster / tag params (reused when they match)")
+    ap.add_argument("--search", type=Path, default=None, metavar="SPACE.yaml",
+                    help="random search over head.* keys (a stages.tune space file: space, fixed, num_samples, seed): "
+                         "each sampled config trains the TMCR head (no self-training); the best by val SRCC is "
+                         "reported; test metrics are recorded for reporting only")
+    ap.add_argument("--curves", action="store_true",
+                    help="record each head's per-epoch train loss, val EMD2 and val SRCC (and the EMD-MLP baseline's)")
     ap.add_argument("--skip-baselines", action="store_true")
+    ap.add_argument("--baselines", default="ridge,laion,mlp", help="comma list of baselines to run: ridge, laion, mlp")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "real.json")
     args = ap.parse_args()
     t_all = time.perf_counter()
     torch.set_num_threads(max(1, args.threads))
-    p = load_params_with(args.params, args.overrides)
+    p = load_params_with(args.params, args.overrides, recipe=args.recipe)
     variants = set(args.variants.split(","))
     seed = args.seed
     d = load_bench(args.data, val_fraction=args.val_fraction, max_items=args.max_items, seed=seed)
@@ -162,15 +182,18 @@ def main() -> None:
               f"  val SRCC {rows[name].get('val_srcc', float('nan')):.4f}  ({wall:.1f}s)", flush=True)
 
     # ---- baselines --------------------------------------------------------------------------
-    if not args.skip_baselines:
+    baselines = set() if args.skip_baselines else set(args.baselines.split(","))
+    if "ridge" in baselines:
         t = time.perf_counter()
         pred, info = ridge_baseline(d)
         record("baseline: ridge", score_metrics(pred, d.dist[te], train_scores, seed), time.perf_counter() - t, info=info)
+    if "laion" in baselines:
         t = time.perf_counter()
         pred, info = laion_baseline(d, seed)
         record("baseline: LAION-style head (MSE)", score_metrics(pred, d.dist[te], train_scores, seed), time.perf_counter() - t, info=info)
+    if "mlp" in baselines:
         t = time.perf_counter()
-        pred, info = mlp_emd_baseline(d, seed)
+        pred, info = mlp_emd_baseline(d, seed, curve=args.curves)
         record("baseline: MLP (EMD)", dist_metrics(pred, d.dist[te], train_scores, seed), time.perf_counter() - t, info=info)
     if "mlp_elta" in variants:
         t = time.perf_counter()
@@ -183,7 +206,7 @@ def main() -> None:
     head_base = as_dict(p.head)
     head_base.pop("ray")
     ps = p.pseudo_search
-    if variants & PIPELINE_ROWS:
+    if variants & PIPELINE_ROWS or args.search is not None:
         with tempfile.TemporaryDirectory(prefix="bench_real_") as tmp:
             tmp = Path(tmp)
             os.environ["IAA_RUNS_DIR"] = str(tmp / "runs")
@@ -227,6 +250,15 @@ def main() -> None:
             cr_paths, pre_s = {}, {}
             for kind in ("balanced", "natural") if "natural" in variants else ("balanced",):
                 t = time.perf_counter()
+                cached = None
+                if args.cr_cache is not None:
+                    key = cr_cache_key(args, p, kind, d.emb.shape)
+                    cached = args.cr_cache / f"cr_{kind}_seed{seed}_{key}.pt"
+                if cached is not None and cached.exists():
+                    cr_paths[kind] = cached
+                    pre_s[kind] = 0.0
+                    print(f"  pretrain ({kind}): reused {cached}", flush=True)
+                    continue
                 cfg = {"features_path": str(features), "embeddings_path": str(embeddings),
                        "index_path": str(index_paths[kind]), "epochs": c.epochs,
                        "lr": c.lr, "weight_decay": c.weight_decay, "tau": c.tau, "hidden": c.hidden, "dim": c.dim,
@@ -236,6 +268,11 @@ def main() -> None:
                                      inputs=[str(features), *emb_inputs, str(index_paths[kind])])
                 cr_paths[kind] = tmp / f"cr_{kind}.pt"
                 torch.save(state, cr_paths[kind])
+                if cached is not None:
+                    cached.parent.mkdir(parents=True, exist_ok=True)
+                    tmp_file = cached.with_suffix(".tmp")
+                    torch.save(state, tmp_file)
+                    os.replace(tmp_file, cached)  # never a half-written cache entry
                 pre_s[kind] = time.perf_counter() - t
                 print(f"  pretrain ({kind}): {pre_s[kind]:.1f}s", flush=True)
 
@@ -250,21 +287,46 @@ def main() -> None:
             def val_score(model_path: Path) -> np.ndarray:
                 return dist_to_score(predict(model_path, val))
 
-            def variant(name: str, *, cr: str = "balanced", selftrain: bool = True, **head_over) -> None:
+            tracking = None
+            if args.curves:
+                from mlflow.tracking import MlflowClient
+
+                tracking = f"sqlite:///{tmp / 'curves.db'}"
+                client = MlflowClient(tracking)
+                exp_id = client.create_experiment("bench_real")
+
+            def new_run(cfg: dict) -> dict:
+                if tracking is None:
+                    return cfg
+                return {**cfg, "tracking_uri": tracking, "run_id": client.create_run(exp_id).info.run_id}
+
+            def curve_of(cfg: dict) -> dict | None:
+                if "run_id" not in cfg:
+                    return None
+                out = {}
+                for k in ("emd", "loss", "val_emd2", "val_srcc", "lr"):
+                    hist = sorted(client.get_metric_history(cfg["run_id"], k), key=lambda m: m.step)
+                    out[k] = [round(m.value, 5) for m in hist]
+                return out
+
+            def variant(name: str, *, cr: str = "balanced", selftrain: bool = not args.no_selftrain, **head_over) -> None:
                 t0 = time.perf_counter()
                 h = {**head_base, **head_over}
                 cfg = {"features_path": str(features), "embeddings_path": str(embeddings),
                        "cr_path": str(cr_paths[cr]) if h["use_cr"] else None, "head": h,
-                       "epochs": p.head.epochs, "lr": p.head.lr, "desc": "head", "seed": seed}
+                       "epochs": h["epochs"], "lr": h["lr"], "desc": "head", "seed": seed}
+                cfg = new_run(cfg)
                 inputs = [str(features), *emb_inputs] + ([str(cr_paths[cr])] if h["use_cr"] else [])
                 state = run_training(supervised_loop, cfg, LOCAL, stage=f"head-{name}", inputs=inputs)
                 head_path = tmp / f"head-{name.replace(' ', '_').replace('/', '_')}.pt"
                 torch.save(state, head_path)
                 pre = pre_s[cr] if h["use_cr"] else 0.0
                 wall_head = time.perf_counter() - t0 + prep_s + pre
+                curve = curve_of(cfg)
                 if not selftrain:
                     record(name, dist_metrics(predict(head_path), test.dist, train_scores, seed), wall_head,
-                           val_pred=val_score(head_path))
+                           val_pred=val_score(head_path), selected_epoch=state.get("selected_epoch"),
+                           **({"curve": curve} if curve else {}))
                     return
                 # APDS search on labelled val, pseudo labels for the unlabelled pool (the stage's own code)
                 pl = pseudo_labels(features, embeddings, head_path, seed=seed, val_fraction=ps.val_fraction, betas=ps.betas,
@@ -274,15 +336,19 @@ def main() -> None:
                 s = p.selftrain
                 cfg_s = {**cfg, "epochs": s.epochs, "lr": s.lr, "unlabeled_weight": s.unlabeled_weight,
                          "init_path": str(head_path), "pseudo_path": str(pseudo), "desc": "selftrain"}
+                cfg_s.pop("run_id", None)
+                cfg_s = new_run(cfg_s)
                 state = run_training(supervised_loop, cfg_s, LOCAL, stage=f"selftrain-{name}", inputs=inputs + [str(pseudo)])
                 st_path = tmp / f"st-{head_path.stem}.pt"
                 torch.save(state, st_path)
                 apds = {k: v for k, v in pl.metrics().items() if k != "mean_score"}
+                curve_s = curve_of(cfg_s)
                 record(name, dist_metrics(predict(st_path), test.dist, train_scores, seed),
-                       time.perf_counter() - t0 + prep_s + pre, val_pred=val_score(st_path), apds=apds)
+                       time.perf_counter() - t0 + prep_s + pre, val_pred=val_score(st_path), apds=apds,
+                       selected_epoch=state.get("selected_epoch"), **({"curve": curve_s} if curve_s else {}))
                 if name == "TMCR+ELTA (full)":
                     record("ablation: no self-training", dist_metrics(predict(head_path), test.dist, train_scores, seed),
-                           wall_head, val_pred=val_score(head_path))
+                           wall_head, val_pred=val_score(head_path), **({"curve": curve} if curve else {}))
 
             if "full" in variants:
                 variant("TMCR+ELTA (full)")
@@ -294,6 +360,18 @@ def main() -> None:
                 variant("ablation: no balanced sampling", cr="natural")
             if "notfa" in variants:
                 variant("ablation: no TFA/FLSA", tfa=False, flsa=False)
+            if "ft" in variants:
+                variant("E_CR fine-tuned", protocol="fine_tune")
+            if args.search is not None:
+                search = {"space": str(args.search), "trials": []}
+                for k, over in enumerate(sample_space(args.search)):
+                    name = f"search {k}: " + ", ".join(f"{key}={val:.3g}" if isinstance(val, float) else f"{key}={val}"
+                                                       for key, val in over.items())
+                    variant(name, selftrain=False, **{key.removeprefix("head."): val for key, val in over.items()})
+                    search["trials"].append({"overrides": over, "name": name, "val_srcc": rows[name]["val_srcc"]})
+                best = max(search["trials"], key=lambda tr: tr["val_srcc"])
+                search["best"] = best
+                print(f"search: best by val SRCC {best['val_srcc']:.4f}: {best['overrides']}", flush=True)
 
     total = time.perf_counter() - t_all
     base = [k for k in rows if k.startswith("baseline")]
@@ -312,20 +390,79 @@ def main() -> None:
     print(f"total wall {total:.0f}s")
     write_json(args.out, {
         "data": str(args.data), "split_counts": counts, "notes": d.notes, "unlabeled_pool": "val_half",
-        "seed": seed, "overrides": args.overrides, "tags": tag_info,
+        "seed": seed, "recipe": args.recipe, "overrides": args.overrides, "tags": tag_info,
         "index": index_report and {k: index_report[k] for k in ("n_active_clusters", "inactive_clusters", "n_per_bin")},
         "params": {"pretrain": as_dict(p.pretrain), "head": head_base, "pseudo_search": as_dict(ps),
                    "selftrain": as_dict(p.selftrain), "n_clusters": p.features.n_clusters},
+        "search": search if args.search is not None else None,
         "rows": rows, "goal": goal, "elta_goal": elta_goal, "total_wall_s": round(total, 1), "markdown": markdown_table(rows),
         "torch_threads": torch.get_num_threads(),
     })
     print(f"wrote {args.out}")
 
 
-def load_params_with(path: Path, overrides: list[str]):
-    """``load_params`` after applying ``KEY=VALUE`` overrides (values parsed as YAML)."""
+def sample_space(path: Path) -> list[dict]:
+    """The configs of a stages.tune space file (its parser and checks), drawn with its ``seed``:
+    ``num_samples`` random draws (``grid`` keys: every value, crossed with the draws), each
+    with ``fixed`` applied. Only ``head.*`` keys: the search trains heads."""
+    import itertools
+
+    from pipelines.tune.search import load_space
+
+    sp = load_space(path, "head")
+    keys = list(sp.space) + list(sp.fixed)
+    if bad := [k for k in keys if not k.startswith("head.")]:
+        raise DataError(f"{path}: bench_real --search trains heads only; {bad} are not head.* keys.")
+    rng = np.random.default_rng(sp.seed)
+    grids = {k: v["grid"] for k, v in sp.space.items() if "grid" in v}
+    out = []
+    for combo in itertools.product(*grids.values()) if grids else [()]:
+        for _ in range(sp.num_samples):
+            draw = dict(zip(grids, combo))
+            for key, spec in sp.space.items():
+                kind, a = next(iter(spec.items()))
+                if kind == "grid":
+                    continue
+                if kind == "loguniform":
+                    draw[key] = float(np.exp(rng.uniform(np.log(float(a[0])), np.log(float(a[1])))))
+                elif kind == "uniform":
+                    draw[key] = float(rng.uniform(float(a[0]), float(a[1])))
+                elif kind == "quniform":
+                    draw[key] = float(np.round(rng.uniform(float(a[0]), float(a[1])) / float(a[2])) * float(a[2]))
+                elif kind == "randint":
+                    draw[key] = int(rng.integers(int(a[0]), int(a[1])))
+                else:  # choice
+                    draw[key] = a[int(rng.integers(len(a)))]
+            out.append({**draw, **sp.fixed})
+    return out
+
+
+def cr_cache_key(args, p, kind: str, shape: tuple) -> str:
+    """What a pretrained E_CR depends on: data, split draw, tags, clusters, index and pretrain params."""
+    import hashlib
+    import json
+
+    what = {"data": str(args.data.resolve()), "max_items": args.max_items, "shape": list(shape), "kind": kind,
+            "tags": [args.max_semantic, args.max_attribute], "n_clusters": p.features.n_clusters,
+            "index": as_dict(p.index), "pretrain": {k: v for k, v in as_dict(p.pretrain).items() if k != "ray"}}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def load_params_with(path: Path, overrides: list[str], recipe: str | None = None):
+    """``load_params`` after merging ``recipe`` (``config/recipes/<recipe>.yaml``) and applying
+    ``KEY=VALUE`` overrides (values parsed as YAML)."""
+    import shutil
+
     import yaml
 
+    if recipe:
+        from pipelines.data.recipes import apply_recipe
+
+        with tempfile.TemporaryDirectory() as tmp:
+            merged = Path(tmp) / "params.yaml"
+            shutil.copyfile(path, merged)
+            apply_recipe(recipe, merged, folder=ROOT / "config" / "recipes")
+            return load_params_with(merged, overrides)
     raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     for item in overrides:
         key, sep, value = item.partition("=")

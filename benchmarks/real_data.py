@@ -146,28 +146,40 @@ class LaionHead(nn.Module):
         return self.layers(x).squeeze(1)
 
 
-def _fit_select(model, loss_fn, x, y, xv, yv, val_fn, *, epochs, lr, bs, seed):
-    """Adam training; keep the epoch with the lowest ``val_fn``."""
+def _fit_select(model, loss_fn, x, y, xv, yv, val_fn, *, epochs, lr, bs, seed, curve=False, val_srcc=None):
+    """Adam training; keep the epoch with the lowest ``val_fn``. ``curve``: also return the
+    per-epoch train loss, ``val_fn`` and (with ``val_srcc(model)``) validation SRCC."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     best, best_state, best_epoch = float("inf"), None, -1
+    hist = {"loss": [], "val": [], "val_srcc": []}
     for ep in range(epochs):
         model.train()
         perm = torch.randperm(len(x), generator=g)
+        total, n = 0.0, 0
         for i in range(0, len(x), bs):
             r = perm[i : i + bs]
             loss = loss_fn(model(x[r]), y[r])
             opt.zero_grad()
             loss.backward()
             opt.step()
+            total, n = total + loss.item(), n + 1
         model.eval()
         with torch.no_grad():
             v = float(val_fn(model(xv), yv))
+            if curve:
+                hist["loss"].append(round(total / n, 5))
+                hist["val"].append(round(v, 5))
+                if val_srcc is not None:
+                    hist["val_srcc"].append(round(float(val_srcc(model)), 5))
         if v < best:
             best, best_epoch = v, ep
             best_state = {k: t.clone() for k, t in model.state_dict().items()}
     model.load_state_dict(best_state)
-    return model.eval(), {"best_epoch": best_epoch, "val": best}
+    info = {"best_epoch": best_epoch, "val": best}
+    if curve:
+        info["curve"] = hist
+    return model.eval(), info
 
 
 def laion_baseline(d: BenchData, seed: int = 0, epochs: int = 60) -> tuple[np.ndarray, dict]:
@@ -199,14 +211,16 @@ class _SoftmaxMLP(nn.Module):
         return torch.softmax(self.net(x), 1)
 
 
-def mlp_emd_baseline(d: BenchData, seed: int = 0, epochs: int = 60) -> tuple[np.ndarray, dict]:
-    """Linear-ReLU-Dropout-Linear-softmax under the EMD (r=2) loss; epoch by val EMD2."""
+def mlp_emd_baseline(d: BenchData, seed: int = 0, epochs: int = 60, curve: bool = False) -> tuple[np.ndarray, dict]:
+    """Linear-ReLU-Dropout-Linear-softmax under the EMD (r=2) loss; epoch by val EMD2.
+    ``curve``: per-epoch train EMD, val EMD2 and val SRCC in ``info["curve"]``."""
     torch.manual_seed(seed)
     tr, va, te = (d.split == s for s in ("train", "val", "test"))
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a, np.float32))  # noqa: E731
     model, info = _fit_select(
         _SoftmaxMLP(d.emb.shape[1], d.dist.shape[1]), lambda p, y: emd_loss(p, y, r=2), t(d.emb[tr]), t(d.dist[tr]),
         t(d.emb[va]), t(d.dist[va]), lambda p, y: emd(p.numpy(), y.numpy(), 2), epochs=epochs, lr=1e-3, bs=128, seed=seed,
+        curve=curve, val_srcc=lambda m: srcc(dist_to_score(m(t(d.emb[va])).numpy()), d.score[va]),
     )
     with torch.no_grad():
         info["val_srcc"] = srcc(dist_to_score(model(t(d.emb[va])).numpy()), d.score[va])
