@@ -10,8 +10,8 @@
 Both run every stage from nothing in a temporary directory (nothing in this checkout is
 touched but, with --update, the reference file), then compare every value of the metrics
 files: strings, booleans and integers (epochs, selected epoch, counts) must be equal, floats
-equal to within ``atol + rtol * |reference|`` (README, "Reproducing the committed
-metrics", says how the tolerance was measured). A key that is missing or new is a mismatch
+equal to within ``atol + rtol * |reference|`` (wider for the family stage's files; README,
+"Reproducing the committed metrics", says how the tolerances were measured). A key that is missing or new is a mismatch
 too. Values that name a registry version or alias (``registered``, ``alias``) depend on the
 MLflow store's history, not on the run, and are not compared; nor are the random-weights
 warning texts.
@@ -37,10 +37,15 @@ if __package__ in (None, ""):  # run as a script: the repository root holds pipe
 
 ROOT = Path(__file__).resolve().parents[1]
 DAG_REFERENCE = ROOT / "tests" / "assets" / "dag_metrics.json"
-# measured (README): the largest relative change between runs was below 1e-5 for the tiny DAG;
-# the default leaves a margin for other CPUs' float summation order
+# Measured on the tiny DAG (README, "Reproducing the committed metrics"): two runs with one
+# thread per process are identical to the bit; one thread against two moves the TMCR path's
+# floats by at most 5e-8 (relative), so RTOL keeps a margin of 2000x for other CPUs' summation
+# order. The family stage (a CNN trained on pixels) is not that stable: one thread against two
+# moves its errors (MSE, EMD, MAE) by up to 0.4% and its correlations on 19 test images by up
+# to 0.03, so its files get their own, wider tolerance.
 RTOL = 1e-4
 ATOL = 1e-6
+WIDER = {"metrics/family.json": (1e-2, 0.05), "metrics/details/family.json": (1e-2, 0.05)}  # file: (rtol, atol)
 IGNORED_KEYS = frozenset({"registered", "alias", "WARNING", "CR_WARNING"})
 UPDATE_DAG = "python tools/repro_check.py dag --update"
 
@@ -62,8 +67,11 @@ def _flatten(obj, prefix: str, out: dict[str, object]) -> dict[str, object]:
     return out
 
 
-def compare(reference: dict, actual: dict, rtol: float = RTOL, atol: float = ATOL) -> list[str]:
-    """The differences between two {file: metrics} maps, one line each (empty: reproduced)."""
+def compare(reference: dict, actual: dict, rtol: float = RTOL, atol: float = ATOL,
+            wider: dict[str, tuple[float, float]] = WIDER) -> list[str]:
+    """The differences between two {file: metrics} maps, one line each (empty: reproduced).
+    Floats of the files in ``wider`` are compared to the larger of their own and the given
+    tolerance."""
     ref = _flatten(reference, "", {})
     act = _flatten(actual, "", {})
     problems = []
@@ -79,8 +87,10 @@ def compare(reference: dict, actual: dict, rtol: float = RTOL, atol: float = ATO
             elif isinstance(a, float):
                 if math.isnan(a) and math.isnan(r):
                     continue
-                if not abs(a - r) <= atol + rtol * abs(r):
-                    problems.append(f"{key}: {a!r} != reference {r!r} (diff {a - r:.3g}, tolerance {atol + rtol * abs(r):.3g})")
+                file_rtol, file_atol = wider.get(key.split(":")[0], (0.0, 0.0))
+                tol = max(atol, file_atol) + max(rtol, file_rtol) * abs(r)
+                if not abs(a - r) <= tol:
+                    problems.append(f"{key}: {a!r} != reference {r!r} (diff {a - r:.3g}, tolerance {tol:.3g})")
             elif a != r:
                 problems.append(f"{key}: {a!r} != reference {r!r}")
     return problems
@@ -176,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json(args.save, actual)
     problems = compare(reference, actual, args.rtol, args.atol)
     print(f"{args.what}: dvc repro took {seconds:.0f} s; largest relative float difference "
-          f"{max_rel_diff(reference, actual):.2e} (rtol {args.rtol:g}, atol {args.atol:g})")
+          f"{max_rel_diff(reference, actual):.2e} (rtol {args.rtol:g}, atol {args.atol:g}; wider for {', '.join(WIDER)})")
     if problems:
         print(f"{len(problems)} values differ from {source}:\n  " + "\n  ".join(problems) + f"\n{fix}")
         return 1
