@@ -37,7 +37,7 @@ stages:
   run:
     cmd: python -m stages.run
     # inputs
-    deps: [stages/run.py, pipelines/a.py, data/in.csv, "${data.images}", pipelines/old.py]
+    deps: [stages/run.py, pipelines/a.py, data/in.csv, "${data.images}", scripts/helper.py, pipelines/old.py]
     params: [seed]
     outs: [out.txt]
   other:
@@ -100,9 +100,10 @@ def test_write_fixes_keeps_the_rest_and_is_idempotent(tree):
     assert main(["--write", "--root", str(tree)]) == 0
     text = (tree / "dvc.yaml").read_text()
     assert main(["--check", "--root", str(tree)]) == 0
-    # non-code deps keep their order, after the code deps; comments and other stages stay
+    # other deps (data, templated, a script outside the packages) keep their order, after the
+    # code deps; comments and other stages stay
     deps = ["stages/run.py", "stages/__init__.py", "pipelines/__init__.py", "pipelines/a.py", "pipelines/sub/__init__.py",
-            "pipelines/sub/b.py", "pipelines/sub/c.py", "data/in.csv", '"${data.images}"']
+            "pipelines/sub/b.py", "pipelines/sub/c.py", "data/in.csv", '"${data.images}"', "scripts/helper.py"]
     assert "    deps:\n" + "".join(f"      - {d}\n" for d in deps) + "    params: [seed]\n" in text
     assert "# a comment that must survive" in text and "    # inputs\n" in text
     assert "  other:\n    cmd: echo not python\n    deps: [data/in.csv]\n" in text

@@ -12,7 +12,7 @@ with the code deps that dvc.yaml declares:
     python tools/dvc_deps.py --show    # print each stage's closure
 
 Code deps are the ``.py`` files and folders under the first-party packages (``pipelines/``,
-``stages/``), and any other ``.py`` file; every other dep (data, config files, ``${...}``
+``stages/``); every other dep (data, config files, ``${...}``
 templated paths) is left where it is, in its order. ``--write`` lists code deps one file
 each: a folder dep would also rerun the stage when a module of that package that the stage
 never imports changes, and a new import is caught by ``--check`` anyway. It is idempotent: a
@@ -62,10 +62,7 @@ def module_file(root: Path, module: str) -> Path | None:
 def _package_of(root: Path, path: Path) -> str:
     """The dotted package that ``path`` belongs to (for relative imports)."""
     parts = list(path.relative_to(root).with_suffix("").parts)
-    if parts[-1] == "__init__":
-        parts.pop()
-    else:
-        parts.pop()  # a module's package is its folder
+    parts.pop()  # a package's "__init__", or a module's own name: its folder is the package
     return ".".join(parts)
 
 
@@ -115,7 +112,8 @@ def closure(root: Path, module: str, packages: tuple[str, ...] = PACKAGES) -> li
     root = root.resolve()
     start = module_file(root, module)
     if start is None:
-        raise DataError(f"module {module!r} has no file under {root} (expected {module.replace('.', '/')}.py): fix the stage's cmd or add the module")
+        raise DataError(f"module {module!r} has no file under {root} (expected {module.replace('.', '/')}.py): "
+                        "fix the stage's cmd or add the module")
     seen: set[Path] = set()
     todo = list(_with_parents(root, module))
     while todo:
@@ -161,15 +159,13 @@ def stage_module(cmd, stage: str) -> str | None:
 
 
 def is_code_dep(dep: str, packages: tuple[str, ...] = PACKAGES) -> bool:
-    """A dep this tool manages: a ``.py`` file, or a file or folder under a package, that is
-    not templated and not a data file."""
+    """A dep this tool manages: a ``.py`` file or a folder under one of the packages. Any
+    other dep (data, config, a script outside the packages, ``${...}``) is left alone."""
     if "${" in dep:
         return False
     dep = dep.rstrip("/")
-    if dep.endswith(".py"):
-        return True
-    first = dep.split("/")[0]
-    return first in packages and "." not in Path(dep).name  # a package folder, not e.g. a .json under it
+    name = Path(dep).name
+    return dep.split("/")[0] in packages and (name.endswith(".py") or "." not in name)
 
 
 @dataclass
