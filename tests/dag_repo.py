@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tests.chat_server import ChatServer
 from tests.test_e2e import TINY, make_repo, merge
+from tools.repro_check import read_metrics
 
 CONFIG = merge(TINY, {
     "tags": {"llm": {"mode": "live", "batch_size": 16}},
@@ -41,6 +42,7 @@ class DagRepo:
     ray_dir: Path  # RAY_TMPDIR of every stage
     output: str  # what `dvc repro` printed (stdout + stderr)
     authorizations: list[str]  # the Authorization headers the chat server received
+    metrics: dict[str, object]  # metrics/**/*.json right after `dvc repro`, before any test reruns a stage
 
 
 def build(tmp: Path) -> DagRepo:
@@ -52,7 +54,7 @@ def build(tmp: Path) -> DagRepo:
         proc = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True)
         assert proc.returncode == 0, f"dvc repro failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
         assert server.requests > 0, "the tags stage made no LLM request"
-        return DagRepo(repo, env, key, ray_dir, proc.stdout + proc.stderr, list(server.authorizations))
+        return DagRepo(repo, env, key, ray_dir, proc.stdout + proc.stderr, list(server.authorizations), read_metrics(repo))
 
 
 def cleanup(dag: DagRepo) -> None:
