@@ -113,6 +113,16 @@ def read_json(path: str | os.PathLike) -> Any:
         raise DataError(f"{path}: not valid JSON ({exc}); delete it and rerun the stage.") from exc
 
 
+def save_torch(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj)`` to ``path``, atomically and byte-for-byte reproducible: saved through a
+    file object, so the archive inside is not named after the (random) temporary file, and the
+    same object gives the same bytes (DVC then sees an unchanged output as unchanged)."""
+    import torch
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+
+
 def load_torch(path: str | os.PathLike) -> Any:
     """A ``torch.save`` file read with ``weights_only=True`` (onto the CPU): tensors, dicts,
     lists, tuples, strings, numbers and None only. A file that holds any other pickled object

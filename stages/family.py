@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from pipelines.config import ModelParams, Params, as_dict, load_params
-from pipelines.io import DataError, atomic_path
+from pipelines.io import DataError, save_torch
 from stages.common import MANIFEST, MODELS, cli, write_metrics
 
 MODEL_OUT = MODELS / "family.pt"
@@ -163,8 +163,7 @@ def run(params_path: str | Path = "params.yaml") -> dict:
             metrics["WARNING"] = RANDOM_BACKBONE_WARNING
         save = {k: v for k, v in state.items() if k not in ("optimizer",)}
         save["config"] = config
-        with atomic_path(MODEL_OUT) as tmp:
-            torch.save(save, tmp)
+        save_torch(save, MODEL_OUT)
         mlflow.log_metrics({f"{m.family}.{k}": float(v) for k, v in result.items() if v is not None and np.isfinite(v)})
         mlflow.log_metrics({"n_params": float(metrics["n_params"])})
         mlflow.set_tags({"switch_epoch": str(state.get("switch_epoch")), "random_weights": str(random_backbone)})

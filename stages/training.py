@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 
 from pipelines.config import TrainParams
-from pipelines.io import atomic_path, write_json
+from pipelines.io import save_torch, write_json
 from pipelines.ranking.backbone import cr_tags
 from pipelines.tracking.runs import stage_run, tracking_uri, weights_tags
 from pipelines.train.runner import run_training
@@ -50,8 +50,7 @@ def train_stage(
         state = {**state, **(extra or {}), "config": config, "card": card}
         for key in ("optimizer", "scheduler", "best", "rng", "metrics"):  # resume-only parts
             state.pop(key, None)
-        with atomic_path(model_out) as tmp:
-            torch.save(state, tmp)
+        save_torch(state, model_out)
         history = mlflow.tracking.MlflowClient().get_run(run.info.run_id).data.metrics  # last epoch's values
         # a few numbers for `dvc exp show`: the kept epoch's validation SRCC (else the last loss);
         # every per-epoch metric is in the MLflow run

@@ -517,7 +517,7 @@ def make_bundle(path: Path, *, head_state: dict, card: dict, tags: list[str], ki
     ``cr_encoder``: the image E_CR's spec + backbone weights (``pipelines.ranking.cr_features.bundle_cr_encoder``),
     whose features are the head's CR input; None when E_CR reads the CLIP embedding."""
     from pipelines.embed.encode import BUILDERS
-    from pipelines.io import atomic_path
+    from pipelines.io import save_torch
 
     if precision not in BUILDERS:
         raise ValueError(f"precision {precision!r} is not one of {sorted(BUILDERS)}")
@@ -527,8 +527,7 @@ def make_bundle(path: Path, *, head_state: dict, card: dict, tags: list[str], ki
         "tag_emb": torch.tensor(np.asarray(tag_emb, np.float32)), "scale": float(logit_scale),
         "precision": str(precision), "batch_size": int(batch_size), "cr_encoder": cr_encoder,
     }
-    with atomic_path(path) as tmp:
-        torch.save(bundle, tmp)
+    save_torch(bundle, path)
 
 
 def input_example() -> pd.DataFrame:

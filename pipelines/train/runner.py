@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from pipelines.config import TrainParams
-from pipelines.io import DataError, atomic_path, load_torch, write_text
+from pipelines.io import DataError, load_torch, save_torch, write_text
 
 STATE_FILE = "state.pt"
 # The checkpoint layout of ``pipelines.train.core.fit``; bumped when it changes. A resume file of
@@ -228,8 +228,7 @@ def report_epoch(metrics: dict[str, float], state: dict | None, config: dict, ra
 
     path = Path(config["resume_path"])
     if rank == 0 and state is not None:
-        with atomic_path(path) as tmp:
-            torch.save(state, tmp)
+        save_torch(state, path)
     epoch, every = int(metrics["epoch"]), config.get("checkpoint_every", CHECKPOINT_EVERY)
     if (epoch + 1) % every and epoch + 1 < config["epochs"]:
         return

@@ -45,7 +45,7 @@ import torch
 import yaml
 
 from pipelines.config import Params, TrainParams, dump_yaml, params_from_dict, read_yaml
-from pipelines.io import DataError, atomic_path, load_torch, write_json, write_text
+from pipelines.io import DataError, load_torch, save_torch, write_json, write_text
 from pipelines.train.runner import check_gpu, ensure_ray
 
 SAMPLERS = ("loguniform", "uniform", "quniform", "randint", "choice", "grid")
@@ -323,8 +323,7 @@ def trial_fn(config: dict, setup: dict) -> None:
             continue
         state = _fit(step, step_config, ray_params, trial_dir / "ray", report_to_tune=last)
         if step.save_to:
-            with atomic_path(step.save_to) as tmp:
-                torch.save(state, tmp)
+            save_torch(state, step.save_to)
         if not last:
             client.log_metric(run_id, f"{step.name}_epochs", state["epoch"] + 1)
     client.set_terminated(run_id, "FINISHED")
