@@ -1,0 +1,1 @@
+"""The importable library: one package per concern (see the README, "Architecture")."""

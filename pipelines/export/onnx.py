@@ -152,7 +152,8 @@ def _tmcr_graph(bundle_path: Path, artifacts: dict[str, str]) -> tuple[nn.Module
     from pipelines.embed.clip import load_clip
     from pipelines.heads.build import head_from_arch
     from pipelines.io import load_torch
-    from pipelines.tracking.scoring import TagScores, drop_text_tower
+    from pipelines.semantics.match import TagMatcher
+    from pipelines.tracking.scoring import drop_text_tower
 
     b = load_torch(bundle_path)
     if b.get("cr_encoder") is not None:
@@ -170,7 +171,7 @@ def _tmcr_graph(bundle_path: Path, artifacts: dict[str, str]) -> tuple[nn.Module
     head.load_state_dict(b["model"])
     head.eval()
     kinds = [str(k) for k in b["kinds"]]
-    matcher = TagScores(b["tag_emb"].numpy(), kinds, float(b["scale"]))
+    matcher = TagMatcher(b["tag_emb"].numpy(), kinds, float(b["scale"]))
     spec = _clip_spec(clip.preprocess)
     graph = TMCRGraph(clip.model.visual, head, matcher.weight, matcher.scale, spec["mean"], spec["std"]).eval()
     tags = np.asarray(b["tags"])

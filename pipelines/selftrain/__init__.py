@@ -1,0 +1,1 @@
+"""ELTA's APDS sharpening, the (beta, t) grid search and pseudo-labelling."""

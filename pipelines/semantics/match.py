@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.cluster import KMeans, MiniBatchKMeans
 
 from pipelines.io import DataError
 
@@ -130,6 +129,8 @@ def fit_kmeans(x: np.ndarray, n_clusters: int, seed: int, *, rows: np.ndarray | 
 
     ``n_init="auto"``: 10 restarts up to :data:`SMALL_FIT` fitted rows, else 3.
     """
+    from sklearn.cluster import KMeans, MiniBatchKMeans  # here: the served model imports TagMatcher, not K-means
+
     if method not in KMEANS_METHODS:
         raise DataError(f"features.kmeans = {method!r}; use one of {', '.join(KMEANS_METHODS)}.")
     rows = np.arange(len(x)) if rows is None else np.asarray(rows)

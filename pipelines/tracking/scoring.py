@@ -279,39 +279,6 @@ def drop_text_tower(model: torch.nn.Module) -> None:
         model._buffers["attn_mask"] = None
 
 
-class TagScores:
-    """Tag matching for one request: ``scale * E @ [T_sem | T_attr].T`` in float32, the same
-    arithmetic as ``pipelines.semantics.TagMatcher`` (which training, evaluation and the ONNX
-    graph use; ``tests/test_serve_imports.py`` checks they agree bit for bit) without importing
-    scikit-learn's K-means beside it."""
-
-    def __init__(self, tag_emb: np.ndarray, kinds: list[str], scale: float = 1.0) -> None:
-        kinds_a = np.asarray(kinds)
-        unknown = sorted(set(kinds_a.tolist()) - {"semantic", "attribute"})
-        if unknown:
-            raise ValueError(f"tag kinds must be 'semantic' or 'attribute', got {unknown}")
-        sem, attr = np.flatnonzero(kinds_a == "semantic"), np.flatnonzero(kinds_a == "attribute")
-        rows = np.asarray(tag_emb, dtype=np.float32)[np.concatenate([sem, attr])]
-        self.weight = torch.from_numpy(np.ascontiguousarray(rows.T))  # D x (M + A)
-        self.n_sem, self.scale = int(sem.size), float(scale)
-
-    @property
-    def dim(self) -> int:
-        return int(self.weight.shape[1])
-
-    def __call__(self, emb: torch.Tensor) -> torch.Tensor:
-        w = self.weight if self.weight.device == emb.device else self.weight.to(emb.device)
-        out = emb.to(torch.float32) @ w
-        return out * self.scale if self.scale != 1.0 else out
-
-    def numpy(self, emb: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return self(torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32))).numpy()
-
-    def split(self, tm):
-        return tm[:, : self.n_sem], tm[:, self.n_sem :]
-
-
 FAMILY_MODES = {"square": "resize", "keep": "short_side"}  # arch aspect -> resize mode at prediction
 
 
@@ -391,6 +358,7 @@ class TMCRScorer(Scorer):
         from pipelines.embed.encode import BUILDERS, ImageDecoder
         from pipelines.heads.build import head_from_arch
         from pipelines.io import load_torch
+        from pipelines.semantics.match import TagMatcher
 
         super().__init__(limits)
         b = load_torch(artifacts["bundle"])
@@ -415,7 +383,7 @@ class TMCRScorer(Scorer):
         self.clip_ref = {"model": model_ref, "pretrained": pretrained, "weights": clip.weights}
         del clip
         self.tags, self.kinds = np.asarray(b["tags"]), list(b["kinds"])
-        self.matcher, self.card = TagScores(b["tag_emb"].numpy(), self.kinds, float(b["scale"])), card
+        self.matcher, self.card = TagMatcher(b["tag_emb"].numpy(), self.kinds, float(b["scale"])), card
         kinds = np.asarray(self.kinds)
         self.names = {k: self.tags[kinds == k] for k in ("semantic", "attribute")}
         self.cr_backbone = None

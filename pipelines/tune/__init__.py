@@ -1,0 +1,1 @@
+"""Ray Tune searches over the stages' own loops."""
