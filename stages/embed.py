@@ -32,6 +32,9 @@ def read_tags(kind: str) -> list[str]:
     return [t for t in path.read_text(encoding="utf-8").splitlines() if t.strip()]
 
 
+TIMING_KEYS = ("seconds", "img_per_s", "setup_s")  # of the engines' reports
+
+
 @cli
 def main() -> None:
     p = params()
@@ -82,6 +85,10 @@ def main() -> None:
     tags = semantic + attribute
     kinds = ["semantic"] * len(semantic) + ["attribute"] * len(attribute)
     write_text_embeddings(TAG_EMB, tags, kinds, embed_texts(bundle, tags))
+    # timings go to the terminal and the log, not into the report: an output is a function of the inputs
+    timing = {k: report.pop(k) for k in TIMING_KEYS if k in report}
+    if timing:
+        print("embed: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in timing.items()), file=sys.stderr)
     write_json(EMBED / "report.json", report)
     write_json(
         CARD,

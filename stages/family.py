@@ -161,7 +161,8 @@ def run(params_path: str | Path = "params.yaml") -> dict:
         }
         if random_backbone:
             metrics["WARNING"] = RANDOM_BACKBONE_WARNING
-        save = {k: v for k, v in state.items() if k not in ("optimizer",)}
+        # resume-only parts (and the epoch timings in `metrics`) stay out: the file is a function of the inputs
+        save = {k: v for k, v in state.items() if k not in ("optimizer", "rng", "metrics", "best")}
         save["config"] = config
         save_torch(save, MODEL_OUT)
         mlflow.log_metrics({f"{m.family}.{k}": float(v) for k, v in result.items() if v is not None and np.isfinite(v)})
