@@ -86,7 +86,7 @@ def main() -> None:
     from pipelines.train.data import load_features, load_matcher
     from pipelines.heads.build import predict_logits
     from pipelines.heads.train import supervised_loop
-from pipelines.ranking.pretrain import pretrain_loop
+    from pipelines.ranking.pretrain import pretrain_loop
     from pipelines.train.runner import run_training
     from stages.common import FEATURES, IMAGE_EMB, TAG_EMB
     from stages.pretrain import pretrain_config

@@ -22,7 +22,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from pipelines.config import ModelParams, Params, as_dict, load_params
 from pipelines.io import DataError, save_torch

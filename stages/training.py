@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 
 from pipelines.config import TrainParams
 from pipelines.io import save_torch, write_json

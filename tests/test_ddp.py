@@ -17,7 +17,6 @@ checked: the replicas hold the same weights after every epoch, and they moved.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

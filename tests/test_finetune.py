@@ -149,27 +149,3 @@ def test_tune_names_the_param_for_pixel_trained_steps():
     for stage in ("head", "pseudo"):
         with pytest.raises(DataError, match=r"head\.protocol = 'fine_tune' with pretrain\.encoder = 'image'.*head\.protocol: linear_probe"):
             check_tunable(p(pretrain={"encoder": "image"}, head={"protocol": "fine_tune"}), stage, "params.yaml")
-
-
-@pytest.mark.slow
-def test_fine_tune_under_ddp_on_two_cpu_workers(tmp_path, monkeypatch):
-    """Backbone + head as one DDP module on 2 gloo workers: every trainable parameter takes part
-    in every step (the projection's unused output layer is frozen), and the workers stay in step."""
-    import ray
-
-    monkeypatch.setenv("IAA_RUNS_DIR", str(tmp_path / "runs"))
-    make_image_data(tmp_path)
-    torch.manual_seed(0)
-    enc = ImageCREncoder(BACKBONE, 16, 8, 0.0, image_size=24, resize=32)
-    torch.save({"spec": enc.spec(), "model": enc.state_dict()}, tmp_path / "cr.pt")
-    from pipelines.config import TrainParams
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    try:
-        state = run_training(finetune_loop, ft_config(tmp_path), TrainParams(num_workers=2), stage="head",
-                             inputs=[str(tmp_path / "cr.pt")])
-    finally:
-        ray.shutdown()
-    assert state["epoch"] == 1 and np.isfinite(state["selected_val_srcc"])
-    pretrained = bundle_cr_encoder(load_torch(tmp_path / "cr.pt"))["backbone"]
-    assert any(not torch.equal(v, state["cr_backbone"]["backbone"][k]) for k, v in pretrained.items() if v.is_floating_point())

@@ -21,7 +21,6 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from pipelines.tracking.scoring import SERVED_REQUIREMENTS, log_family_model, log_scoring_model

@@ -170,3 +170,15 @@ def test_evaluate_registers_a_version_only_when_the_scoring_model_changed(tmp_pa
     finally:
         mlflow.set_tracking_uri(None)
         mlflow.set_registry_uri(None)
+
+
+def test_model_digest_covers_scalar_tensors():
+    """A BatchNorm's ``num_batches_tracked`` is a 0-d tensor: it is hashed like any other, and
+    a different value gives another digest (an image E_CR's bundle holds such tensors)."""
+    import torch
+
+    from pipelines.tracking import registry
+
+    a = registry.model_digest([{"bn.num_batches_tracked": torch.tensor(3), "w": torch.ones(2, dtype=torch.bfloat16)}])
+    b = registry.model_digest([{"bn.num_batches_tracked": torch.tensor(4), "w": torch.ones(2, dtype=torch.bfloat16)}])
+    assert a != b and a == registry.model_digest([{"bn.num_batches_tracked": torch.tensor(3), "w": torch.ones(2, dtype=torch.bfloat16)}])

@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 import yaml
 
 from pipelines.config import Params, TrainParams, dump_yaml, params_from_dict, read_yaml
