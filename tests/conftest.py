@@ -28,8 +28,11 @@ def _isolated_mlflow_uri():
         import mlflow
 
         mlflow.set_tracking_uri(before or "")
+        mlflow.set_registry_uri(registry_before)  # the CLI sets both (a later test's registry lookups follow it)
         if before is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
+        if registry_before is None:
+            os.environ.pop("MLFLOW_REGISTRY_URI", None)
 
 
 @pytest.fixture(scope="session")
