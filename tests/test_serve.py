@@ -62,6 +62,7 @@ def post(url: str, body, content_type: str = "application/json", timeout: float 
 def register_served_model(tmp_path: Path, name: str = "served") -> str:
     """The tiny TMCR scoring model registered as ``name`` (champion) in a sqlite store; returns its URI."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env_before = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
@@ -70,9 +71,15 @@ def register_served_model(tmp_path: Path, name: str = "served") -> str:
         with mlflow.start_run(experiment_id=exp):
             info = log_scoring_model(tmp_path / "bundle.pt", CARD, registered_name=None, pip_requirements=["mlflow"])
         registry.register(info.model_uri, name, metrics={"val_srcc": 0.2}, dataset="demo", card=CARD, metric="val_srcc")
-    finally:  # the conftest restores the environment; these reset the in-process URIs
+    finally:  # reset the in-process URIs and the variables they export (a module-scoped fixture calls
+        # this before the conftest's per-test reset takes its snapshot)
         mlflow.set_tracking_uri(None)
         mlflow.set_registry_uri(None)
+        for k, v in env_before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return uri
 
 
