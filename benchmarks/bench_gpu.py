@@ -224,13 +224,13 @@ def ecr_rows(b: Bench, paths: list[str]) -> None:
             return loss.detach()
 
         if source == "resident":
-            x = to_device(torch.randn(batch, 3, size, size), dev, channels_last=speed.channels_last)
+            x = to_device(torch.randn(batch, 3, size, size), dev, speed)
             got = b.timed(lambda k: step_on(x), warm, steps, batch)
         else:
             rng = np.random.default_rng(0)
             specs = [(rng.choice(len(paths), batch).tolist(), (0, 0, k)) for k in range(warm + steps)]
             it = iter(batch_loader(specs, functools.partial(_views, paths, size, resize), workers=workers, device=dev))
-            got = b.timed(lambda k: step_on(to_device(next(it), dev, channels_last=speed.channels_last)), warm, steps, batch)
+            got = b.timed(lambda k: step_on(to_device(next(it), dev, speed)), warm, steps, batch)
         return {**got, "precision_ran": prec.name, "fused_ran": bool(speed.fused_optimizer and cuda),
                 "n_params": sum(p.numel() for p in enc.parameters())}
 
@@ -293,7 +293,7 @@ def mnet_rows(b: Bench) -> None:
         speed = Speed(channels_last=channels_last)
         model = prepare_module(build("mnet", 10, dict(opts)), dev, speed).train()
         opt = make_optimizer(model.parameters(), resolve("mnet", "optimizer", params.optimizer), 1e-3, 0.0)
-        x = to_device(x_cpu, dev, channels_last=channels_last)
+        x = to_device(x_cpu, dev, speed)
         low = low_dtype(dtype_name, dev)
         if mode == "plain autocast + GradScaler":
             scaler = torch.amp.GradScaler(dev.type, init_scale=2.0 ** amp.init_tau, growth_interval=amp.growth_interval)

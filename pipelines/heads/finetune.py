@@ -69,7 +69,7 @@ class FineTuneModel(nn.Module):
     def features(self, paths: list[str], size: int, resize: int, batch: int, device) -> np.ndarray:
         """The backbone's features of the files' evaluation views (centre crop), (N, D) float32."""
         self.backbone.eval()
-        out = [self.backbone(to_device(view_batch(paths[i : i + batch], size, resize), device)).float().cpu().numpy()
+        out = [self.backbone(view_batch(paths[i : i + batch], size, resize).to(device, non_blocking=True)).float().cpu().numpy()
                for i in range(0, len(paths), batch)]
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
@@ -129,9 +129,8 @@ class FineTune:
         specs = [(rows.numpy(), (self.config["seed"], epoch, b, ctx.rank)) for b, rows in enumerate(batches)]
         views = iter(batch_loader(specs, self.make, workers=self.img.get("loader_workers", 0), device=device))
         totals, t0 = {"loss": 0.0, "emd": 0.0, "flsa": 0.0}, time.perf_counter()
-        channels_last = self.speed.channels_last and device.type == "cuda"
         for rows in batches:
-            x = to_device(next(views), device, channels_last=channels_last)
+            x = to_device(next(views), device, self.speed)
             tm, dist, score = (self.tensors[k][rows].to(device) for k in ("tm", "dist", "score"))
             with self.precision.autocast(device):
                 fused, logits, targets = self.model(tm, x, dist, score, ctx.generator)

@@ -137,7 +137,7 @@ class Pretrain:
             self.opt.zero_grad(set_to_none=True)
             for j in range(local):
                 rows = specs[s * local + j][0]
-                x = to_device(next(views), device, channels_last=self.speed.channels_last and device.type == "cuda")
+                x = to_device(next(views), device, self.speed)
                 last = j == local - 1
                 with model.no_sync() if ctx.world > 1 and not last else contextlib.nullcontext():
                     with self.precision.autocast(device):

@@ -103,7 +103,8 @@ class Method(Protocol):
         """Restore a ``state_dict`` (a resume)."""
 
     def selectable(self) -> dict[str, Any]:
-        """The parts of the state that keep-best keeps from the best epoch (e.g. ``{"model": ...}``)."""
+        """The parts of the state that keep-best keeps from the best epoch (e.g. ``{"model": ...}``),
+        as detached CPU copies (``cpu_copy``): training goes on after they are taken."""
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,6 @@ class FitOptions:
     epochs: int
     desc: str
     keep_best: bool = False  # keep the best validation-SRCC epoch's ``selectable()`` parts
-    extra_rng: tuple = ()
 
 
 def fit(make_method, config: dict[str, Any], options: FitOptions) -> None:
@@ -137,18 +137,12 @@ def fit(make_method, config: dict[str, Any], options: FitOptions) -> None:
             metrics.update(method.validate(epoch))
             log(metrics, epoch)
             if options.keep_best and metrics.get("val_srcc", -np.inf) > (best or {}).get("val_srcc", -np.inf):
-                best = {**{k: _detach(v) for k, v in method.selectable().items()}, "epoch": epoch, "val_srcc": metrics["val_srcc"]}
+                best = {**method.selectable(), "epoch": epoch, "val_srcc": metrics["val_srcc"]}
             state = {**method.state_dict(), "epoch": epoch, "started_at_epoch": start, "best": best,
                      "rng": rng_state(ctx.generator), "metrics": metrics, "core_version": CHECKPOINT_VERSION}
             if epoch + 1 == options.epochs:
                 state.update(selected(state))
         report_epoch(metrics, state, config, rank)
-
-
-def _detach(v):
-    if isinstance(v, dict):
-        return cpu_copy(v) if all(torch.is_tensor(x) for x in v.values()) else {k: _detach(x) for k, x in v.items()}
-    return v
 
 
 def selected(state: dict) -> dict:

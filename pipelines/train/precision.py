@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from pipelines.hardware import cpu_native_bf16, cuda_bf16
+from pipelines.images import to_device as images_to_device
 from pipelines.io import DataError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -94,7 +95,6 @@ class Speed:
     channels_last: bool = True  # CUDA only (NHWC convolutions); CPU runs keep their layout and numerics
     fused_optimizer: bool = True  # fused AdamW on CUDA; ignored on CPU (no fused CPU kernel pays)
     compile: bool = False
-    pin_memory: bool = True  # CUDA only
 
 
 def speed_of(block: dict) -> Speed:
@@ -152,9 +152,10 @@ def maybe_compile(model: torch.nn.Module, speed: Speed) -> tuple[torch.nn.Module
     return torch.compile(model), time.perf_counter() - t
 
 
-def to_device(x: torch.Tensor, device: torch.device, *, channels_last: bool = False) -> torch.Tensor:
-    """A batch on ``device``: non-blocking from pinned memory, channels_last for 4-D images when asked."""
-    x = x.to(device, non_blocking=device.type == "cuda")
-    if channels_last and x.dim() == 4:
+def to_device(x: torch.Tensor, device: torch.device, speed: Speed) -> torch.Tensor:
+    """A batch on ``device`` (``pipelines.images.to_device``: non-blocking from pinned memory), channels_last
+    for 4-D images on CUDA when ``speed`` asks for it (as ``prepare_module`` lays out the model)."""
+    x = images_to_device(x, device)
+    if speed.channels_last and device.type == "cuda" and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     return x
