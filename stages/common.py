@@ -44,6 +44,19 @@ def weights_card() -> dict:
 HEADLINE = ("srcc", "plcc", "acc", "emd2", "mae_L", "mae_M", "mae_H")
 
 
+def portable(config: dict) -> dict:
+    """``config`` as a model file records it: paths (``*_path``, ``root``) under the repository
+    relative to it, so the same inputs give the same file in any checkout."""
+    here = Path.cwd().resolve()
+
+    def rel(v):
+        p = Path(v)
+        return str(p.resolve().relative_to(here)) if p.is_absolute() and p.resolve().is_relative_to(here) else v
+
+    return {k: rel(v) if v and (k.endswith("_path") or k == "root") and isinstance(v, (str, Path)) else v
+            for k, v in config.items()}
+
+
 def random_warning(card: dict) -> str | None:
     """The stamp for plots, the model card and MLflow when the CLIP weights were random."""
     return RANDOM_WEIGHTS_WARNING if card["random_weights"] else None

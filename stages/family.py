@@ -25,7 +25,7 @@ from typing import Any
 
 from pipelines.config import ModelParams, Params, as_dict, load_params
 from pipelines.io import DataError, save_torch
-from stages.common import MANIFEST, MODELS, cli, write_metrics
+from stages.common import MANIFEST, MODELS, cli, portable, write_metrics
 
 MODEL_OUT = MODELS / "family.pt"
 RANDOM_BACKBONE_WARNING = "RANDOM BACKBONE WEIGHTS (no local checkpoint given): not a real result"
@@ -162,7 +162,7 @@ def run(params_path: str | Path = "params.yaml") -> dict:
             metrics["WARNING"] = RANDOM_BACKBONE_WARNING
         # resume-only parts (and the epoch timings in `metrics`) stay out: the file is a function of the inputs
         save = {k: v for k, v in state.items() if k not in ("optimizer", "rng", "metrics", "best")}
-        save["config"] = config
+        save["config"] = portable(config)
         save_torch(save, MODEL_OUT)
         mlflow.log_metrics({f"{m.family}.{k}": float(v) for k, v in result.items() if v is not None and np.isfinite(v)})
         mlflow.log_metrics({"n_params": float(metrics["n_params"])})

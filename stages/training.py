@@ -11,7 +11,7 @@ from pipelines.io import save_torch, write_json
 from pipelines.ranking.backbone import cr_tags
 from pipelines.tracking.runs import stage_run, tracking_uri, weights_tags
 from pipelines.train.runner import run_training
-from stages.common import METRICS, params, weights_card
+from stages.common import METRICS, params, portable, weights_card
 
 
 def train_stage(
@@ -46,7 +46,7 @@ def train_stage(
             stage=stage,
             inputs=[str(i) for i in inputs],
         )
-        state = {**state, **(extra or {}), "config": config, "card": card}
+        state = {**state, **(extra or {}), "config": portable(config), "card": card}
         for key in ("optimizer", "scheduler", "best", "rng", "metrics"):  # resume-only parts
             state.pop(key, None)
         save_torch(state, model_out)

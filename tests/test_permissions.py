@@ -79,3 +79,14 @@ def test_torch_files_are_byte_for_byte_reproducible(tmp_path):
     save_torch(state, tmp_path / "b.pt")
     assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
     assert torch.equal(torch.load(tmp_path / "a.pt", weights_only=True)["w"], state["w"])
+
+
+def test_model_files_record_repo_relative_paths(tmp_path, monkeypatch):
+    """The config a model file keeps names paths relative to the checkout, so two clones write the same file."""
+    from stages.common import portable
+
+    monkeypatch.chdir(tmp_path)
+    cfg = {"features_path": str(tmp_path / "data" / "f.parquet"), "root": str(tmp_path), "weights_path": "/elsewhere/w.pt",
+           "cr_path": None, "lr": 0.1}
+    assert portable(cfg) == {"features_path": "data/f.parquet", "root": ".", "weights_path": "/elsewhere/w.pt",
+                             "cr_path": None, "lr": 0.1}
