@@ -174,8 +174,10 @@ class HeadParams:
     tfa_n_mix: int = 4  # not in the paper; chosen on the real-feature benchmark DEV val
     flsa: bool = True
     flsa_weight: float = 0.1
-    # Keep the weights of the epoch with the best validation SRCC (else the last epoch's).
+    # Keep the weights of the epoch with the best validation metric (else the last epoch's):
+    # select_on: val_srcc (highest) | val_emd2 (lowest; the plain baselines' rule)
     keep_best: bool = True
+    select_on: str = "val_srcc"
     ray: TrainParams = field(default_factory=TrainParams)
 
 

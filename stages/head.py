@@ -11,6 +11,7 @@ from pipelines.ranking.encoder import LAYERS as CR_LAYERS
 from pipelines.train.data import embedding_files, load_features
 from pipelines.heads.build import HEAD_LOSSES
 from pipelines.heads.train import supervised_loop
+from pipelines.train.core import SELECT_ON
 from stages.pretrain import check_device_options
 from stages.common import FEATURES, IMAGE_EMB, MANIFEST, MODELS, TAG_EMB, cli, params
 from stages.cr_features import CR_ENCODER, TUNED_CR_FEATURES, cache_features, cr_input_path
@@ -28,6 +29,8 @@ def head_config(p, cr_spec: dict | None = None) -> dict:
         raise DataError(f"params.yaml: head.protocol = {h['protocol']!r}; use one of {PROTOCOLS}.")
     if h["loss"] not in HEAD_LOSSES:
         raise DataError(f"params.yaml: head.loss = {h['loss']!r}; use one of {HEAD_LOSSES}.")
+    if h["select_on"] not in SELECT_ON:
+        raise DataError(f"params.yaml: head.select_on = {h['select_on']!r}; use one of {', '.join(SELECT_ON)}.")
     if h["cr_features"] not in CR_LAYERS:
         raise DataError(f"params.yaml: head.cr_features = {h['cr_features']!r}; use one of {CR_LAYERS}.")
     if h["use_cr"] and cr_spec is None:

@@ -174,7 +174,8 @@ def main(argv=None) -> None:
     )
     out = Path(args.out or Path("tune") / space.stage)
     paths = write_best(result, out, metric=space.metric)
-    kept = "at each trial's best validation-SRCC epoch" if p.head.keep_best and space.stage != "family" else "at each trial's last epoch"
+    kept = (f"at each trial's best {p.head.select_on} epoch" if p.head.keep_best and space.stage != "family"
+            else "at each trial's last epoch")
     print(f"\n{len(result.trials)} trials, best first ({space.metric} {kept}):\n{trial_table(result, space.metric)}\n")
     print(f"best {space.metric} = {result.best_value:.4f} (trial {result.best_trial})")
     print(f"params fragment: {paths['yaml']}\nsummary: {paths['json']}")

@@ -165,3 +165,18 @@ def test_head_loss_choice():
     assert torch.allclose(head_loss({"loss": "emd", "emd_r": 2})(p, t), emd_loss(p, t, r=2))
     assert torch.allclose(head_loss({"loss": "re_emd", "emd_r": 2})(p, t), re_emd_loss(p, t, alpha=10, beta=0.1, gamma=2))
     assert not torch.allclose(emd_loss(p, t), re_emd_loss(p, t))
+
+
+def test_keep_best_selects_on_the_named_metric():
+    """val_srcc: the highest wins; val_emd2: the lowest; the first of equal values stays; an epoch
+    without the metric (too few validation rows) never wins; an unknown metric is refused."""
+    from pipelines.train.core import FitOptions, improves
+
+    best = {"selected_on": 0.5, "val_srcc": 0.5}
+    assert improves({"val_srcc": 0.6}, best, "val_srcc") and not improves({"val_srcc": 0.5}, best, "val_srcc")
+    assert improves({"val_emd2": 0.4}, {"selected_on": 0.5}, "val_emd2") and not improves({"val_emd2": 0.6}, {"selected_on": 0.5}, "val_emd2")
+    assert improves({"val_emd2": 0.9}, None, "val_emd2") and not improves({}, None, "val_emd2")
+    assert not improves({"val_srcc": float("nan")}, None, "val_srcc")
+    assert improves({"val_srcc": 0.6}, {"val_srcc": 0.5}, "val_srcc")  # a layout-2 state (selected on val_srcc)
+    with pytest.raises(ValueError, match="val_emd2"):
+        FitOptions(epochs=1, desc="x", select_on="val_mse")

@@ -210,6 +210,9 @@ def test_trials_rank_by_the_epoch_the_stage_keeps():
     assert kept_result(peaked, "val_emd2", keep_best=True) == (1.1, 1)
     assert kept_result([{"training_iteration": 1, "val_srcc": float("nan")}], "val_srcc", keep_best=True) == (None, None)
     assert kept_result([{"training_iteration": 2, "val_srcc": 0.5}], "val_srcc", keep_best=False) == (0.5, 1)
+    # head.select_on: val_emd2 keeps the lowest-EMD epoch, and every metric is read there
+    assert kept_result(steady + [{"epoch": 4, "val_srcc": 0.3, "val_emd2": 0.15}], "val_srcc", True, "val_emd2") == (0.3, 4)
+    assert kept_result(peaked, "val_srcc", True, "val_emd2") == (0.2, 0)
 
 
 def test_trial_table_lists_every_trial_best_first():

@@ -182,7 +182,8 @@ def finetune_loop(config: dict) -> None:
     scores validation each epoch (evaluation views through the current backbone) and keeps the
     best validation-SRCC epoch's backbone and head when ``keep_best``.
     """
-    options = FitOptions(epochs=config["epochs"], desc="head (fine-tune)", keep_best=config["head"]["keep_best"])
+    options = FitOptions(epochs=config["epochs"], desc="head (fine-tune)", keep_best=config["head"]["keep_best"],
+                         select_on=config["head"].get("select_on", "val_srcc"))
     fit(lambda ctx: FineTune(config, ctx), config, options)
 
 

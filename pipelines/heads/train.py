@@ -166,5 +166,6 @@ class HeadTraining:
 
 def supervised_loop(config: dict) -> None:
     """Ray Train loop of the ``head`` and ``selftrain`` stages (``config``: ``stages.head.head_config``)."""
-    options = FitOptions(epochs=config["epochs"], desc=config.get("desc", "head"), keep_best=config["head"]["keep_best"])
+    options = FitOptions(epochs=config["epochs"], desc=config.get("desc", "head"), keep_best=config["head"]["keep_best"],
+                         select_on=config["head"].get("select_on", "val_srcc"))
     fit(lambda ctx: HeadTraining(config, ctx), config, options)

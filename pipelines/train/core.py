@@ -2,7 +2,7 @@
 
 ``fit`` owns what every loop shares: seeding, resume from a checkpoint (Ray's or the stage's
 resume file), the epoch loop and its progress bar, rank-0 MLflow logging, keep-best selection on
-validation SRCC, checkpoints and ``ray.train.report``. A method (``Method``) supplies what differs:
+a validation metric (SRCC by default, or EMD_2), checkpoints and ``ray.train.report``. A method (``Method``) supplies what differs:
 its model (wrapped in DDP by ``ray.train.torch.prepare_model`` on more than one worker: gradients
 are averaged inside backward, bucketed and overlapped), one epoch of steps, and its validation.
 
@@ -94,7 +94,7 @@ class Method(Protocol):
         """One epoch of optimizer steps on this worker's shard; its metrics (same keys on every worker)."""
 
     def validate(self, epoch: int) -> dict[str, float]:
-        """Rank 0 only: validation metrics of the current weights (``val_srcc`` drives keep-best)."""
+        """Rank 0 only: validation metrics of the current weights (``val_srcc`` / ``val_emd2`` drive keep-best)."""
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resume needs (model, optimizer, scheduler, scaler, ...) and what the stage keeps."""
@@ -113,7 +113,29 @@ class FitOptions:
 
     epochs: int
     desc: str
-    keep_best: bool = False  # keep the best validation-SRCC epoch's ``selectable()`` parts
+    keep_best: bool = False  # keep the ``selectable()`` parts of the epoch best on ``select_on``
+    select_on: str = "val_srcc"  # a key of SELECT_ON
+
+    def __post_init__(self):
+        if self.select_on not in SELECT_ON:
+            raise ValueError(f"select_on = {self.select_on!r}; use one of {', '.join(SELECT_ON)}")
+
+
+# validation metrics keep-best can select on, and the sign that makes larger better
+SELECT_ON = {"val_srcc": 1.0, "val_emd2": -1.0}
+
+
+def improves(metrics: dict[str, float], best: dict | None, select_on: str) -> bool:
+    """Whether this epoch's ``metrics`` beat the kept ``best`` on ``select_on`` (the first of equal
+    values stays; an epoch without the metric, e.g. too few validation rows, never wins)."""
+    sign = SELECT_ON[select_on]
+    value = metrics.get(select_on)
+    if value is None or not np.isfinite(value):
+        return False
+    if best is None:
+        return True
+    kept = best["selected_on"] if "selected_on" in best else best["val_srcc"]  # a layout-2 state chose on val_srcc
+    return sign * value > sign * kept
 
 
 def fit(make_method, config: dict[str, Any], options: FitOptions) -> None:
@@ -136,8 +158,9 @@ def fit(make_method, config: dict[str, Any], options: FitOptions) -> None:
         if rank == 0:
             metrics.update(method.validate(epoch))
             log(metrics, epoch)
-            if options.keep_best and metrics.get("val_srcc", -np.inf) > (best or {}).get("val_srcc", -np.inf):
-                best = {**method.selectable(), "epoch": epoch, "val_srcc": metrics["val_srcc"]}
+            if options.keep_best and improves(metrics, best, options.select_on):
+                best = {**method.selectable(), "epoch": epoch, "val_srcc": metrics.get("val_srcc", np.nan),
+                        "selected_on": metrics[options.select_on]}
             state = {**method.state_dict(), "epoch": epoch, "started_at_epoch": start, "best": best,
                      "rng": rng_state(ctx.generator), "metrics": metrics, "core_version": CHECKPOINT_VERSION}
             if epoch + 1 == options.epochs:
@@ -146,10 +169,10 @@ def fit(make_method, config: dict[str, Any], options: FitOptions) -> None:
 
 
 def selected(state: dict) -> dict:
-    """The weights the stage keeps: those of the best validation-SRCC epoch when keep-best found
+    """The weights the stage keeps: those of the best validation epoch (``select_on``) when keep-best found
     one (the baselines select the same way), else the last epoch's."""
     best = state.get("best")
     if best is None:
         return {"selected_epoch": state["epoch"]}
-    kept = {k: v for k, v in best.items() if k not in ("epoch", "val_srcc")}
+    kept = {k: v for k, v in best.items() if k not in ("epoch", "val_srcc", "selected_on")}
     return {**kept, "selected_epoch": best["epoch"], "selected_val_srcc": best["val_srcc"]}

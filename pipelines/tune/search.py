@@ -23,8 +23,8 @@ The concurrency limit goes to the search algorithm (``BasicVariantGenerator(max_
 Tune ignores ``TuneConfig.max_concurrent_trials`` once a search algorithm is given.
 
 Trials are ranked by the value the stage itself would keep: with ``head.keep_best`` (the
-head, pretrain and pseudo searches) the metric at the trial's best validation-SRCC epoch,
-else at its last epoch (``kept_result``), whether or not ASHA stopped the trial early.
+head, pretrain and pseudo searches) the metric at the trial's best validation epoch
+(``head.select_on``), else at its last epoch (``kept_result``), whether or not ASHA stopped the trial early.
 
 Ray Train's local mode (``num_workers: 0``) cannot be used inside a Tune trial: Train V2
 refuses ``ray.train.report`` in a Tune session. Trials therefore use >= 1 worker.
@@ -45,6 +45,7 @@ import yaml
 
 from pipelines.config import Params, TrainParams, dump_yaml, params_from_dict, read_yaml
 from pipelines.io import DataError, load_torch, save_torch, write_json, write_text
+from pipelines.train.core import SELECT_ON
 from pipelines.train.runner import check_gpu, ensure_ray
 
 SAMPLERS = ("loguniform", "uniform", "quniform", "randint", "choice", "grid")
@@ -340,22 +341,22 @@ class SearchResult:
     parent_run_id: str
 
 
-SELECTION_METRIC = "val_srcc"  # what head.keep_best selects the kept epoch by
-
-
-def kept_result(history: list[dict[str, Any]], metric: str, keep_best: bool) -> tuple[float | None, int | None]:
+def kept_result(history: list[dict[str, Any]], metric: str, keep_best: bool,
+                select_on: str = "val_srcc") -> tuple[float | None, int | None]:
     """``(value of metric, epoch)`` that a stage run with the trial's params would keep.
 
     ``history``: the trial's per-epoch reports, in order. With ``keep_best`` the stage keeps
-    the epoch of the highest validation SRCC (``pipelines.train.core``), else the last one.
+    the epoch best on ``select_on`` (``head.select_on``: highest val SRCC or lowest val EMD_2;
+    ``pipelines.train.core``), else the last one.
     """
     rows = [r for r in history if metric in r and r[metric] is not None and not _nan(r[metric])]
     if not rows:
         return None, None
     if keep_best:
-        ranked = [r for r in history if not _nan(r.get(SELECTION_METRIC, math.nan))]
+        ranked = [r for r in history if not _nan(r.get(select_on, math.nan))]
         if ranked:
-            pick = max(ranked, key=lambda r: r[SELECTION_METRIC])  # the first of equal values, as the loop
+            sign = SELECT_ON[select_on]
+            pick = max(ranked, key=lambda r: sign * r[select_on])  # the first of equal values, as the loop
             if metric in pick and not _nan(pick[metric]):
                 return float(pick[metric]), _epoch(pick)
     return float(rows[-1][metric]), _epoch(rows[-1])
@@ -374,10 +375,13 @@ def _history(result: Any) -> list[dict[str, Any]]:
     return df.to_dict("records")
 
 
-def _keeps_best(space: SearchSpace, probe: Params, trial_params: dict[str, Any]) -> bool:
+def _keeps_best(space: SearchSpace, probe: Params, trial_params: dict[str, Any]) -> tuple[bool, str]:
+    """Whether a trial's stage keeps its best epoch, and the metric it selects on."""
+    values = {**space.fixed, **trial_params}
+    select_on = values.get("head.select_on", probe.head.select_on)
     if space.stage == "family":  # the image-family loop keeps its last epoch
-        return False
-    return bool({**space.fixed, **trial_params}.get("head.keep_best", probe.head.keep_best))
+        return False, select_on
+    return bool(values.get("head.keep_best", probe.head.keep_best)), select_on
 
 
 def max_concurrent_trials(space: SearchSpace, cluster_cpus: float) -> int:
@@ -454,7 +458,7 @@ def run_search(
         for r in grid:
             m = r.metrics or {}
             params = dict(r.config or {})
-            value, epoch = kept_result(_history(r), space.metric, _keeps_best(space, probe, params))
+            value, epoch = kept_result(_history(r), space.metric, *_keeps_best(space, probe, params))
             trials.append({
                 "trial_id": m.get("trial_id"), "params": params,
                 "epochs": m.get("training_iteration", 0), space.metric: value, "selected_epoch": epoch,
