@@ -82,8 +82,10 @@ def main() -> None:
 
     from pipelines.config import TrainParams, as_dict, load_params
     from pipelines.metrics import evaluate
-    from pipelines.ranking.cr_features import encoder_from_state, image_paths, write_cr_features
-    from pipelines.train.data import load_features, load_matcher
+    from pipelines.data.manifest import image_paths
+    from pipelines.ranking.cr_features import encoder_from_state, write_cr_features
+    from pipelines.train.data import load_features
+    from pipelines.semantics import load_matcher
     from pipelines.heads.build import predict_logits
     from pipelines.heads.train import supervised_loop
     from pipelines.ranking.pretrain import pretrain_loop

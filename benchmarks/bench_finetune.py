@@ -45,9 +45,11 @@ def main() -> None:
 
     from pipelines.config import TrainParams, as_dict, load_params
     from pipelines.metrics import evaluate
-    from pipelines.ranking.cr_features import encoder_from_state, image_paths, write_cr_features
+    from pipelines.data.manifest import image_paths
+    from pipelines.ranking.cr_features import encoder_from_state, write_cr_features
     from pipelines.heads.finetune import FineTuneModel, finetune_loop, tuned_encoder
-    from pipelines.train.data import load_features, load_matcher
+    from pipelines.train.data import load_features
+    from pipelines.semantics import load_matcher
     from pipelines.heads.build import head_from_arch, predict_logits
     from pipelines.heads.train import supervised_loop
     from pipelines.train.runner import run_training

@@ -337,6 +337,20 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     return params_from_dict(read_yaml(path, "run from the repository root."), str(path))
 
 
+def config_from(cls: type, raw: Any, source: str) -> Any:
+    """A frozen config dataclass ``cls`` from a mapping (``raw`` as is when it already is one).
+    An unknown, missing (a field without a default) or mistyped key is a ``DataError`` naming
+    ``source`` and the key: a loop's config is checked where it is built, not deep in training."""
+    if isinstance(raw, cls):
+        return raw
+    if isinstance(raw, dict):
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in raw
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise DataError(f"{source}: missing key(s) {', '.join(missing)}.")
+    return _build(cls, raw, source, "")
+
+
 def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise DataError(f"{source}: '{prefix or '<top>'}' must be a mapping, got {raw!r}.")
@@ -357,7 +371,7 @@ def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
 
 def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, source, key + ".")
+        return value if isinstance(value, hint) else _build(hint, value, source, key + ".")
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(hint):

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from pipelines.io import DataError, load_torch, write_json
-from pipelines.ranking.cr_features import encoder_from_state, image_paths, write_cr_features
+from pipelines.data.manifest import image_paths
+from pipelines.ranking.cr_features import encoder_from_state, write_cr_features
 from pipelines.images import check_images
 from pipelines.train.data import load_features
 from stages.common import DATA, FEATURES, IMAGE_EMB, MANIFEST, MODELS, cli, params

@@ -14,7 +14,8 @@ from pipelines.tracking import registry
 from pipelines.tracking.scoring import log_scoring_model, make_bundle, requirements
 from pipelines.embed.cache import read_meta
 from pipelines.embed.encode import read_text_embeddings
-from pipelines.train.data import load_features, load_matcher
+from pipelines.train.data import load_features
+from pipelines.semantics import load_matcher
 from pipelines.heads.build import load_head, predict_logits
 from pipelines.ranking.backbone import cr_card, cr_tags, stamp_cr
 from pipelines.ranking.cr_features import bundle_cr_encoder

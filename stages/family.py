@@ -17,13 +17,17 @@ only the model code knows (families, Corner Grid modes, ...) are checked here, b
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipelines.models.image_loop import FamilyConfig
 
 
-from pipelines.config import ModelParams, Params, as_dict, load_params
+from pipelines.config import ModelParams, Params, load_params
 from pipelines.io import DataError, save_torch
 from stages.common import MANIFEST, MODELS, cli, portable, write_metrics
 
@@ -82,22 +86,17 @@ def load_family_params(path: str | Path = "params.yaml") -> tuple[Params, ModelP
     return p, model
 
 
-def family_config(m: ModelParams, seed: int) -> dict[str, Any]:
-    """The loop's config: the family's options block, and ``auto`` training keys resolved to the family's defaults."""
+def family_config(m: ModelParams, manifest_path: str | Path, root: str | Path) -> FamilyConfig:
+    """The loop's config, for the stage and Tune: ``model.*`` with the ``auto`` training choices
+    resolved to the family's defaults, on the manifest's images under ``root``."""
     from pipelines.models import resolve
+    from pipelines.models.image_loop import FamilyConfig
 
-    d = as_dict(m)
-    for key in ("optimizer", "crop", "corner_grid"):
-        d[key] = resolve(m.family, key, d[key])
-    d.pop("ray")
-    options = d.pop("mnet") if m.family == "mnet" else d.pop("aesaf")
-    d.pop("mnet", None), d.pop("aesaf", None)
-    if not options.get("weights"):
-        options.pop("weights", None)
-    return {**d, "options": options, "seed": seed}
+    m = dataclasses.replace(m, **{key: resolve(m.family, key, getattr(m, key)) for key in ("optimizer", "crop", "corner_grid")})
+    return FamilyConfig(model=m, manifest_path=manifest_path, root=str(root))
 
 
-def check_family_device(config: dict, use_gpu: bool) -> None:
+def check_family_device(config, use_gpu: bool) -> None:
     """Refuse, before Ray starts, an ``model.amp.dtype`` / ``model.amp.monitor`` or speed option that the
     training device cannot honour (checked where this machine has that device; workers check again)."""
     import torch
@@ -108,8 +107,8 @@ def check_family_device(config: dict, use_gpu: bool) -> None:
     if use_gpu and not torch.cuda.is_available():
         return
     device = torch.device("cuda" if use_gpu else "cpu")
-    monitor_dtype(config["amp"].get("monitor", "auto"), low_dtype(config["amp"]["dtype"], device))
-    check_speed(speed_of(config), device, key="model")
+    monitor_dtype(config.model.amp.monitor, low_dtype(config.model.amp.dtype, device))
+    check_speed(speed_of(config.model), device, key="model")
 
 
 def run(params_path: str | Path = "params.yaml") -> dict:
@@ -128,18 +127,20 @@ def run(params_path: str | Path = "params.yaml") -> dict:
         predict,
     )
     from pipelines.tracking.runs import stage_run, tracking_uri
-    from pipelines.train.runner import run_training
+    from pipelines.train.runner import ray_config, run_training
 
     p, m = load_family_params(params_path)
-    config = {**family_config(m, p.seed), "manifest_path": str(MANIFEST.resolve()), "root": os.getcwd()}
+    config = family_config(m, MANIFEST.resolve(), os.getcwd())
     check_family_device(config, m.ray.use_gpu)
-    random_backbone = not config["options"].get("weights")
-    with stage_run(p.mlflow, "family", config=config, tags={"data": p.data.name, "family": m.family}) as mrun:
+    weights = config.options.get("weights")
+    random_backbone = not weights
+    logged = {**ray_config(config), "seed": p.seed}
+    with stage_run(p.mlflow, "family", config=logged, tags={"data": p.data.name, "family": m.family}) as mrun:
         import mlflow
 
-        inputs = [str(MANIFEST)] + ([config["options"]["weights"]] if not random_backbone else [])
+        inputs = [str(MANIFEST)] + ([weights] if not random_backbone else [])
         state = run_training(
-            image_family_loop, {**config, "tracking_uri": tracking_uri(p.mlflow), "run_id": mrun.info.run_id},
+            image_family_loop, {**logged, "tracking_uri": tracking_uri(p.mlflow), "run_id": mrun.info.run_id},
             m.ray, stage=f"family-{m.family}", inputs=inputs,
         )
         model = model_from_state(state)
@@ -162,7 +163,7 @@ def run(params_path: str | Path = "params.yaml") -> dict:
             metrics["WARNING"] = RANDOM_BACKBONE_WARNING
         # resume-only parts (and the epoch timings in `metrics`) stay out: the file is a function of the inputs
         save = {k: v for k, v in state.items() if k not in ("optimizer", "rng", "metrics", "best")}
-        save["config"] = portable(config)
+        save["config"] = portable(logged)
         save_torch(save, MODEL_OUT)
         mlflow.log_metrics({f"{m.family}.{k}": float(v) for k, v in result.items() if v is not None and np.isfinite(v)})
         mlflow.log_metrics({"n_params": float(metrics["n_params"])})
@@ -172,7 +173,7 @@ def run(params_path: str | Path = "params.yaml") -> dict:
                               "pred_score": dist_to_score(probs)})
         mlflow.log_text(preds.to_csv(index=False), "predictions/test.csv")
         if p.evaluate.register:
-            metrics.update(register_family(p, m.family, result, val_srcc, random_backbone, config["options"].get("weights")))
+            metrics.update(register_family(p, m.family, result, val_srcc, random_backbone, weights))
         write_metrics("family", metrics, [m.family], random_weights=random_backbone, registered_model=m.family)
     return metrics
 

@@ -10,14 +10,14 @@ from pipelines.config import TrainParams
 from pipelines.io import save_torch, write_json
 from pipelines.ranking.backbone import cr_tags
 from pipelines.tracking.runs import stage_run, tracking_uri, weights_tags
-from pipelines.train.runner import run_training
+from pipelines.train.runner import ray_config, run_training
 from stages.common import METRICS, params, portable, weights_card
 
 
 def train_stage(
     stage: str,
     loop: Callable[[dict], None],
-    config: dict[str, Any],
+    config: Any,
     ray_params: TrainParams,
     *,
     inputs: list[Path],
@@ -26,11 +26,13 @@ def train_stage(
     cr: Callable[[dict], dict] | None = None,
 ) -> dict[str, Any]:
     """Fit ``loop`` under an MLflow run, save its final state to ``model_out``, write metrics.
+    ``config``: the loop's typed config (built from params by the stage's builder, which Tune calls too).
 
     ``cr(state)``: the E_CR card of the trained state (``pipelines.ranking.backbone.cr_card``),
     stamped on the metrics and the run's tags (random backbone weights loudly)."""
     p = params()
     card = weights_card()
+    config = ray_config(config)
     config = {
         **config,
         "seed": p.seed,

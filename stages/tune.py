@@ -22,6 +22,7 @@ first). On a cluster: ``RAY_ADDRESS`` set, ``IAA_RUNS_DIR`` on shared storage, a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -29,10 +30,10 @@ from pipelines.config import Params, read_yaml
 from pipelines.io import DataError, load_torch, write_parquet
 from pipelines.heads.train import supervised_loop
 from pipelines.ranking.pretrain import pretrain_loop
-from pipelines.train.runner import runs_dir
+from pipelines.train.runner import ray_config, runs_dir
 from pipelines.tune.search import Step, load_space, run_search, trial_table, write_best
 from stages.common import FEATURES, IMAGE_EMB, INDEX, MANIFEST, MODELS, TAG_EMB, cli
-from stages.head import head_config
+from stages.head import head_config, selftrain_config
 from stages.pretrain import pretrain_config
 
 STAGES = ("head", "pretrain", "pseudo", "family")
@@ -43,29 +44,23 @@ def _abs(root: Path, path) -> str:
 
 
 def _head_step(p: Params, root: Path, cr_path: str | None, desc: str, cr_spec: dict | None = None) -> Step:
-    # E_CR's spec from the file the trial reads (the head loop itself fails clearly if it is missing)
+    """The head stage's own config (``stages.head.head_config``) on the repo's data, reading the
+    E_CR of ``cr_path`` (the head loop itself fails clearly if it is missing)."""
     if cr_spec is None:
         cr_spec = load_torch(cr_path)["spec"] if cr_path and Path(cr_path).exists() else {}
-    c = head_config(p, cr_spec)
-    c.update({
-        "features_path": _abs(root, FEATURES), "embeddings_path": _abs(root, c["embeddings_path"]),  # CLIP or CR-feature cache
-        "clip_path": _abs(root, IMAGE_EMB), "tags_path": _abs(root, TAG_EMB),
-        "cr_path": cr_path if p.head.use_cr else None,
-        "epochs": p.head.epochs, "lr": p.head.lr, "desc": desc,
-    })
-    return Step("head", supervised_loop, c)
+    c = head_config(p, cr_spec, root=root)
+    return Step("head", supervised_loop, dataclasses.replace(c, cr_path=cr_path if p.head.use_cr else None, desc=desc))
 
 
 def head_steps(p: Params, trial_dir: Path, *, root: str) -> list[Step]:
-    root = Path(root)
+    root = Path(root).resolve()
     return [_head_step(p, root, _abs(root, MODELS / "cr_encoder.pt"), "tune-head")]
 
 
 def pretrain_steps(p: Params, trial_dir: Path, *, root: str) -> list[Step]:
-    root = Path(root)
+    root = Path(root).resolve()
     cr = str(trial_dir / "cr_encoder.pt")
-    config, _ = pretrain_config(p, root.resolve())  # the stage's own config: one builder for the stage and Tune
-    config = {k: str(v) if k.endswith("_path") and v else v for k, v in config.items()}
+    config, _ = pretrain_config(p, root)  # the stage's own config: one builder for the stage and Tune
     pre = Step("pretrain", pretrain_loop, config, save_to=cr)
     # the trial trains the embedding E_CR (an MLP spec has no "kind"); its file exists only once the step ran
     return [pre, _head_step(p, root, cr, "tune-pretrain-head", cr_spec={})]
@@ -86,21 +81,18 @@ def pseudo_label_step(config: dict) -> None:
 
 
 def pseudo_steps(p: Params, trial_dir: Path, *, root: str) -> list[Step]:
-    root = Path(root)
+    """APDS with the trial's ``pseudo_search.*`` values, then the selftrain stage's own config
+    (``stages.head.selftrain_config``) on those labels."""
+    root = Path(root).resolve()
     s = p.pseudo_search
     pseudo = str(trial_dir / "pseudo_labels.parquet")
-    st = _head_step(p, root, _abs(root, MODELS / "cr_encoder.pt"), "tune-selftrain")
+    st = selftrain_config(p, load_torch(root / MODELS / "head.pt"), root=root)
     label = Step("pseudo_labels", pseudo_label_step, {
-        "features_path": _abs(root, FEATURES), "embeddings_path": st.config["embeddings_path"],  # the head's CR input
+        "features_path": _abs(root, FEATURES), "embeddings_path": str(st.embeddings_path),  # the head's CR input
         "tags_path": _abs(root, TAG_EMB), "head_path": _abs(root, MODELS / "head.pt"), "out_path": pseudo,
         "val_fraction": s.val_fraction, "betas": list(s.betas), "thresholds": list(s.thresholds), "min_selected": s.min_selected,
     }, ray_train=False)
-    st.name = "selftrain"
-    st.config.update({
-        "epochs": p.selftrain.epochs, "lr": p.selftrain.lr, "unlabeled_weight": p.selftrain.unlabeled_weight,
-        "init_path": _abs(root, MODELS / "head.pt"), "pseudo_path": pseudo,
-    })
-    return [label, st]
+    return [label, Step("selftrain", supervised_loop, dataclasses.replace(st, pseudo_path=pseudo, desc="tune-selftrain"))]
 
 
 def family_steps(p: Params, trial_dir: Path, *, root: str) -> list[Step]:
@@ -108,9 +100,8 @@ def family_steps(p: Params, trial_dir: Path, *, root: str) -> list[Step]:
     from pipelines.models.image_loop import image_family_loop
     from stages.family import family_config
 
-    root = Path(root)
-    config = {**family_config(p.model, p.seed), "manifest_path": _abs(root, MANIFEST), "root": str(root)}
-    return [Step("family", image_family_loop, config)]
+    root = Path(root).resolve()
+    return [Step("family", image_family_loop, family_config(p.model, _abs(root, MANIFEST), root))]
 
 
 BUILDERS = {"head": head_steps, "pretrain": pretrain_steps, "pseudo": pseudo_steps, "family": family_steps}

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from pipelines.config import TrainParams
-from pipelines.train.runner import run_training
+from pipelines.train.runner import ray_config, run_training
 
 pytestmark = pytest.mark.slow
 LOCAL, TWO = TrainParams(num_workers=0), TrainParams(num_workers=2)
@@ -172,7 +172,7 @@ def _recording_family_loop():
 
         image_loop.FamilyTraining.train_epoch = train_epoch
         try:
-            image_loop.image_family_loop(config)
+            image_loop.image_family_loop({k: v for k, v in config.items() if k != "record"})
         finally:
             image_loop.FamilyTraining.train_epoch = real
 
@@ -195,9 +195,8 @@ def test_family_replicas_stay_identical_under_ddp(tmp_path, monkeypatch, ray_two
     (tmp_path / "record").mkdir()
     m = ModelParams(family="aesaf", epochs=2, lr=1e-3, batch_size=4, image_size=32, loader_workers=0,
                     amp=AmpParams(dtype="fp32"), aesaf=AesafParams(widths=[8, 8, 16, 16], group_maps=4, hidden=8))
-    config = {**family_config(m, 0), "manifest_path": str(tmp_path / "manifest.parquet"), "root": str(tmp_path),
-              "record": str(tmp_path / "record")}
-    run_training(_recording_family_loop(), config, TWO, stage="family-ddp", inputs=[config["manifest_path"]])
+    config = {**ray_config(family_config(m, tmp_path / "manifest.parquet", tmp_path)), "seed": 0, "record": str(tmp_path / "record")}
+    run_training(_recording_family_loop(), config, TWO, stage="family-ddp", inputs=[str(tmp_path / "manifest.parquet")])
     for epoch in range(2):
         a, b = (np.array(json.loads((tmp_path / "record" / f"rank{r}-epoch{epoch}.json").read_text())) for r in (0, 1))
         np.testing.assert_array_equal(a, b)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -142,15 +143,15 @@ def _fit_mnet_gate(demo: Path, monkeypatch, **amp) -> dict:
     """M+MNet on the demo in fp32 with the fp16 overflow monitor (``amp.monitor: auto`` on CPU)."""
     from pipelines.config import AmpParams, MnetParams, ModelParams, TrainParams
     from pipelines.models.image_loop import image_family_loop
-    from pipelines.train.runner import run_training
+    from pipelines.train.runner import ray_config, run_training
     from stages.family import family_config
 
     monkeypatch.setenv("IAA_RUNS_DIR", str(demo / "runs"))
     m = ModelParams(family="mnet", epochs=5, lr=1e-3, batch_size=8, image_size=32, amp=AmpParams(dtype="fp32", **amp),
                     mnet=MnetParams(branch_blocks=4, fuse_channels=16), ray=TrainParams(num_workers=0))
-    config = {**family_config(m, 0), "manifest_path": str(demo / "data" / "manifest.parquet"), "root": str(demo)}
-    assert config["amp"]["monitor"] == "auto"
-    return run_training(image_family_loop, config, m.ray, stage="gate", inputs=[config["manifest_path"]])["amp"]
+    config = family_config(m, demo / "data" / "manifest.parquet", demo)
+    assert config.model.amp.monitor == "auto"
+    return run_training(image_family_loop, {**ray_config(config), "seed": 0}, m.ray, stage="gate", inputs=[str(config.manifest_path)])["amp"]
 
 
 def test_demo_gate_opens_once_the_loss_scale_settles_and_stays_closed_while_overflows_persist(demo, monkeypatch):
@@ -191,13 +192,15 @@ def test_unknown_model_key_names_the_dotted_key(demo, monkeypatch, tmp_path):
 
 
 def test_three_stage_schedule():
-    cfg = {"image_size": 224, "schedule": "three_stage", "epochs": 10, "stage3_epochs": 2, "stage2_size": [248, 312],
-           "stage2_from": 3, "amp": {"enabled": True}}
+    from pipelines.config import AmpParams, ModelParams
+
+    cfg = ModelParams(image_size=224, schedule="three_stage", epochs=10, stage3_epochs=2, stage2_size=[248, 312], stage2_from=3,
+                      amp=AmpParams(enabled=True))
     got = [stage_of(e, cfg, switch_epoch=4) for e in range(10)]
     assert [g[2] for g in got] == [1, 1, 1, 1, 2, 2, 2, 2, 3, 3]
     assert got[5][:2] == ((248, 312), "pad") and got[9][:2] == ((224, 224), "resize")
     assert [stage_of(e, cfg, None)[2] for e in range(10)] == [1] * 8 + [3, 3]  # never switched: no stage 2
-    off = {**cfg, "amp": {"enabled": False}}
+    off = dataclasses.replace(cfg, amp=AmpParams(enabled=False))
     assert [stage_of(e, off, None)[2] for e in range(10)] == [1, 1, 1, 2, 2, 2, 2, 2, 3, 3]
 
 
@@ -221,7 +224,8 @@ def test_keep_aspect_resizes_the_short_side_and_pads_batches(tmp_path):
     assert b.shape == (2, 3, 15, 20)
     assert b[0, :, 10:, :].abs().max() == 0 and b[1, :, :, 10:].abs().max() == 0  # zero padding
     assert b[0, :, :10, :].abs().min() > 0
-    cfg = {"image_size": 10, "aspect": "keep"}
-    assert stage_of(0, cfg, None) == ((10, 10), "short_side", 1)
+    from pipelines.config import ModelParams
+
+    assert stage_of(0, ModelParams(image_size=10, aspect="keep"), None) == ((10, 10), "short_side", 1)
     with pytest.raises(DataError, match="model.aspect"):
-        stage_of(0, {"image_size": 10, "aspect": "wide"}, None)
+        stage_of(0, ModelParams(image_size=10, aspect="wide"), None)

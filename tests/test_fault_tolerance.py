@@ -48,7 +48,7 @@ def crashing_pretrain_loop(config: dict) -> None:
         threading.Thread(target=_kill_self_once, args=(config,), daemon=True).start()
     with open(Path(config["kill_marker"]).with_suffix(".pids"), "a") as f:
         f.write(f"{os.getpid()}\n")
-    pretrain_loop(config)
+    pretrain_loop({k: v for k, v in config.items() if k != "kill_marker"})
 
 
 @pytest.fixture()

@@ -16,9 +16,11 @@ from pipelines.embed.cache import read_image_embeddings
 from pipelines.io import DataError, load_torch
 from pipelines.metrics import dist_to_score
 from pipelines.ranking.backbone import ImageCREncoder
-from pipelines.ranking.cr_features import bundle_cr_encoder, image_paths, write_cr_features
+from pipelines.data.manifest import image_paths
+from pipelines.ranking.cr_features import bundle_cr_encoder, write_cr_features
 from pipelines.heads.finetune import finetune_loop, tuned_encoder, tuned_fingerprint
-from pipelines.train.data import load_features, load_matcher, write_features_table
+from pipelines.train.data import load_features, write_features_table
+from pipelines.semantics import load_matcher
 from pipelines.heads.build import load_head, predict_logits
 from pipelines.train.runner import run_training
 from tests.test_image_ecr import BACKBONE, HEAD, LOCAL, make_image_data
@@ -120,15 +122,17 @@ def test_stages_after_the_head_refuse_a_cache_of_other_weights(tmp_path, monkeyp
 
 
 def test_images_missing_for_the_fine_tune_rows_name_the_files(tmp_path):
-    from pipelines.heads.finetune import finetune_images
+    from pipelines.heads.finetune import FineTuneConfig, finetune_images
+    from pipelines.train.core import method_config
 
     make_image_data(tmp_path)
     feats = load_features(tmp_path / "features.parquet", None)
-    train, val = finetune_images(ft_config(tmp_path), feats)
+    config = method_config(FineTuneConfig, ft_config(tmp_path), "fine-tune")
+    train, val = finetune_images(config, feats)
     assert len(train) == 30 and len(val) == 8
     Path(val[0]).unlink()
     with pytest.raises(DataError, match=r"1 image file\(s\) missing on disk for the train / val rows \(head\.protocol: fine_tune\).*im030\.png.*dvc repro head"):
-        finetune_images(ft_config(tmp_path), feats)
+        finetune_images(config, feats)
 
 
 def test_tune_names_the_param_for_pixel_trained_steps():

@@ -21,7 +21,8 @@ from pipelines.data.manifest import manifest_table, scores_from_votes, write_man
 from pipelines.images import crop_view
 from pipelines.io import DataError, write_parquet
 from pipelines.ranking.backbone import ImageCREncoder, create_backbone, known_backbones
-from pipelines.ranking.cr_features import cr_image_features, encoder_from_state, image_paths, write_cr_features
+from pipelines.data.manifest import image_paths
+from pipelines.ranking.cr_features import cr_image_features, encoder_from_state, write_cr_features
 from pipelines.ranking.index import build_index
 from pipelines.embed.cache import read_image_embeddings, write_text_embeddings
 from pipelines.train.data import load_features, write_features_table
@@ -177,7 +178,10 @@ def test_image_pretrain_cache_and_linear_probe(data):
 
 def test_images_missing_on_disk_for_sampled_rows(data):
     train = load_features(data / "features.parquet", None).split_of("train")
-    config = image_config(data)
+    from pipelines.ranking.pretrain import PretrainConfig
+    from pipelines.train.core import method_config
+
+    config = method_config(PretrainConfig, image_config(data), "pretrain")
     assert len(pretrain_images(config, train)) == len(train)
     (data / "images" / f"{train.image_id[0]}.png").unlink()
     with pytest.raises(DataError, match=r"1 image file\(s\) missing on disk for rows the balanced sampler picks .*im000\.png.*dvc repro prepare"):

@@ -231,12 +231,12 @@ def test_family_recipes_are_the_papers_and_params_override_them():
     from pipelines.models import make_optimizer, resolve
     from stages.family import family_config
 
-    mnet, aesaf = family_config(ModelParams(family="mnet"), 0), family_config(ModelParams(family="aesaf"), 0)
-    assert (mnet["optimizer"], mnet["crop"], mnet["corner_grid"]) == ("adam", "random", "with_mixed")
-    assert (aesaf["optimizer"], aesaf["crop"], aesaf["corner_grid"]) == ("adam", "off", "off")  # seed 002: flips only
-    assert aesaf["hflip"] and mnet["hflip"]
-    own = family_config(ModelParams(family="aesaf", corner_grid="always", optimizer="sgd", crop="random"), 0)
-    assert (own["optimizer"], own["crop"], own["corner_grid"]) == ("sgd", "random", "always")
+    mnet, aesaf = (family_config(ModelParams(family=f), "manifest.parquet", ".").model for f in ("mnet", "aesaf"))
+    assert (mnet.optimizer, mnet.crop, mnet.corner_grid) == ("adam", "random", "with_mixed")
+    assert (aesaf.optimizer, aesaf.crop, aesaf.corner_grid) == ("adam", "off", "off")  # seed 002: flips only
+    assert aesaf.hflip and mnet.hflip
+    own = family_config(ModelParams(family="aesaf", corner_grid="always", optimizer="sgd", crop="random"), "manifest.parquet", ".").model
+    assert (own.optimizer, own.crop, own.corner_grid) == ("sgd", "random", "always")
     assert resolve("aesaf", "corner_grid", "with_mixed") == "with_mixed"
     w = [torch.nn.Parameter(torch.zeros(2))]
     sgd = make_optimizer(w, "sgd", 0.01, 1e-4, momentum=0.9)

@@ -11,7 +11,7 @@ def cadence_loop(config: dict) -> None:
     rank, _, _ = worker_info()
     for epoch in range(config["epochs"]):
         state = {"epoch": epoch, "checkpoint_every": config["checkpoint_every"]}
-        report_epoch({"epoch": epoch}, state, config, rank)
+        report_epoch({"epoch": epoch}, state, config, rank, config["epochs"])
 
 
 def test_checkpoint_cadence_comes_from_params_and_a_callers_value_wins(tmp_path, monkeypatch):

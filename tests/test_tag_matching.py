@@ -20,7 +20,8 @@ from pipelines.heads.model import TMCRHead
 from pipelines.io import DataError, write_parquet
 from pipelines.ranking.index import build_index
 from pipelines.semantics import TagMatcher
-from pipelines.train.data import load_features, load_matcher, read_embedding_rows, shard_rows
+from pipelines.train.data import load_features, read_embedding_rows, shard_rows
+from pipelines.semantics import load_matcher
 from tests.synthetic import make_features, write_embedding_cache
 
 KINDS = ["attribute", "semantic", "semantic", "attribute", "semantic", "attribute", "semantic", "attribute", "semantic"]
@@ -186,7 +187,8 @@ def _recording(loop_name: str):
         for m in modules:
             m.read_embedding_rows = recorded
         try:
-            {"pretrain_loop": pretrain.pretrain_loop, "supervised_loop": head_train.supervised_loop}[loop_name](config)
+            method = {k: v for k, v in config.items() if k != "read_log"}
+            {"pretrain_loop": pretrain.pretrain_loop, "supervised_loop": head_train.supervised_loop}[loop_name](method)
         finally:
             for m in modules:
                 m.read_embedding_rows = real

@@ -13,7 +13,8 @@ from pipelines.embed.cache import read_image_embeddings
 from pipelines.io import DataError, write_parquet
 from pipelines.metrics import dist_to_score, srcc
 from pipelines.ranking.index import build_index
-from pipelines.train.data import embedding_files, load_features, load_matcher
+from pipelines.train.data import embedding_files, load_features
+from pipelines.semantics import load_matcher
 from pipelines.heads.build import head_from_arch, predict_logits
 from pipelines.heads.train import supervised_loop
 from pipelines.ranking.pretrain import pretrain_loop

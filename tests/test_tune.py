@@ -140,17 +140,17 @@ def test_pretrain_and_pseudo_trials_chain_their_steps(tmp_path):
     make_features(tmp_path / "data" / "features" / "features.parquet", embeddings=tmp_path / "data" / "embeddings" / "images")
     p = apply_overrides(RAW, {"pretrain.tau": 0.2, "selftrain.unlabeled_weight": 0.5, "head.use_cr": True}, "s.yaml")
     pre, head = pretrain_steps(p, tmp_path / "trial", root=str(tmp_path))
-    assert pre.config["tau"] == 0.2 and pre.save_to == head.config["cr_path"] == str(tmp_path / "trial" / "cr_encoder.pt")
-    assert head.config["features_path"] == str(tmp_path / "data" / "features" / "features.parquet")
-    assert pre.config["embeddings_path"] == head.config["embeddings_path"] == str(tmp_path / "data" / "embeddings" / "images")
+    assert pre.config.tau == 0.2 and pre.save_to == head.config.cr_path == str(tmp_path / "trial" / "cr_encoder.pt")
+    assert head.config.features_path == tmp_path / "data" / "features" / "features.parquet"
+    assert pre.config.embeddings_path == head.config.embeddings_path == tmp_path / "data" / "embeddings" / "images"
 
     arch = {"tm_in": 14, "n_levels": 10, "cr_spec": None, "head": {**p.__dict__["head"].__dict__, "use_cr": False}}
     arch["head"].pop("ray")
     (tmp_path / "models").mkdir()
     torch.save({"arch": arch, "model": head_from_arch(arch).state_dict()}, tmp_path / "models" / "head.pt")
     label, st = pseudo_steps(p, tmp_path / "trial", root=str(tmp_path))
-    assert not label.ray_train and st.config["pseudo_path"] == label.config["out_path"]
-    assert st.config["unlabeled_weight"] == 0.5 and st.config["init_path"] == str(tmp_path / "models" / "head.pt")
+    assert not label.ray_train and st.config.pseudo_path == label.config["out_path"]
+    assert st.config.unlabeled_weight == 0.5 and st.config.init_path == tmp_path / "models" / "head.pt"
     (tmp_path / "trial").mkdir()
     pseudo_label_step({**label.config, "seed": 0, "betas": [0.0, 1.0], "thresholds": [0.0, 0.1], "min_selected": 0.0})
     table = pd.read_parquet(label.config["out_path"])

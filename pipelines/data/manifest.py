@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -221,3 +222,15 @@ def _from_pandas(df: pd.DataFrame) -> pa.Table:
         n_levels=0,
     )
     return table.set_column(5, "n_levels", pa.array(n_levels, pa.int16()))
+
+
+def image_paths(manifest_path: str | Path, image_ids: Sequence[str], root: str | Path) -> list[str]:
+    """The image file of each id (manifest ``path``; relative paths resolve against ``root``)."""
+    df = read_manifest(manifest_path)
+    by_id = pd.Series(df["path"].to_numpy(), index=df["image_id"].astype(str))
+    ids = pd.Index([str(i) for i in image_ids])
+    rows = by_id.index.get_indexer(ids)
+    if (missing := np.flatnonzero(rows < 0)).size:
+        raise DataError(f"{manifest_path}: {missing.size} image id(s) of the features table are not in the manifest "
+                        f"(e.g. {ids[missing[0]]}); rerun `dvc repro features`.")
+    return [p if Path(p).is_absolute() else str(Path(root) / p) for p in by_id.to_numpy()[rows]]

@@ -16,8 +16,9 @@ from pipelines.ranking.backbone import sub_state
 from pipelines.ranking.encoder import CREncoder
 
 
-def build_head(config: dict, tm_in: int, emb_dim: int, n_levels: int) -> tuple[TMCRHead, dict]:
-    """The head described by ``config['head']``, with the pretrained E_CR when used.
+def build_head(h: dict, cr_path, tm_in: int, emb_dim: int, n_levels: int) -> tuple[TMCRHead, dict]:
+    """The head described by ``h`` (the ``head`` params block as a dict, as model files keep it),
+    with the pretrained E_CR of ``cr_path`` when ``h["use_cr"]``.
 
     With the image E_CR (linear probe), the head's E_CR is its projection MLP over the
     backbone features that the CR-feature cache holds (``emb``); ``arch["cr_input"]`` records
@@ -25,15 +26,15 @@ def build_head(config: dict, tm_in: int, emb_dim: int, n_levels: int) -> tuple[T
     Returns the model and its architecture dict (``head_from_arch`` rebuilds it).
     """
     cr_spec, cr_weights, cr_input = None, None, None
-    if config["head"]["use_cr"]:
-        cr_state = torch.load(config["cr_path"], map_location="cpu", weights_only=True)
+    if h["use_cr"]:
+        cr_state = torch.load(cr_path, map_location="cpu", weights_only=True)
         cr_spec, cr_weights = cr_state["spec"], cr_state["model"]
         if cr_spec.get("kind") == "image":
             cr_input, cr_weights = cr_spec, sub_state(cr_weights, "proj")
             cr_spec = {k: cr_spec[k] for k in ("in_dim", "hidden", "dim", "dropout")}
         if cr_spec["in_dim"] != emb_dim:
             raise ValueError(f"CR encoder expects {cr_spec['in_dim']}-d embeddings, features have {emb_dim}")
-    arch = {"tm_in": tm_in, "n_levels": n_levels, "cr_spec": cr_spec, "cr_input": cr_input, "head": config["head"]}
+    arch = {"tm_in": tm_in, "n_levels": n_levels, "cr_spec": cr_spec, "cr_input": cr_input, "head": h}
     model = head_from_arch(arch)
     if cr_weights is not None:
         model.cr.load_state_dict(cr_weights)
@@ -91,9 +92,8 @@ def head_loss(h: dict):
     return lambda pred, target: emd_loss(pred, target, r=r)
 
 
-def input_paths(config: dict) -> tuple[str, str, str]:
-    """(E_CR input cache, CLIP cache for TM, tag table) of a head / self-training config; the
-    CLIP cache defaults to the E_CR input, the tag table to ``tags.parquet`` beside the CLIP cache
-    (the embed stage's layout)."""
-    clip = config.get("clip_path") or config["embeddings_path"]
-    return config["embeddings_path"], clip, config.get("tags_path") or str(Path(clip).parent / "tags.parquet")
+def input_paths(embeddings_path, clip_path=None, tags_path=None) -> tuple[str, str, str]:
+    """(E_CR input cache, CLIP cache for TM, tag table) of a head; the CLIP cache defaults to the
+    E_CR input, the tag table to ``tags.parquet`` beside the CLIP cache (the embed stage's layout)."""
+    clip = clip_path or embeddings_path
+    return embeddings_path, clip, tags_path or str(Path(clip).parent / "tags.parquet")

@@ -1,10 +1,11 @@
 """Ray Train loop that trains an image model family (``pipelines.models``) on manifest images.
 
-Config (a plain dict, all paths absolute; see ``stages/family.py``):
+Config: ``FamilyConfig`` (``stages.family.family_config`` builds it from params): ``manifest_path``,
+``root`` (relative image paths resolve against it) and ``model``, the ``model`` params block
+(``pipelines.config.ModelParams``) with its ``auto`` choices resolved to the family's; ``options``
+is the family's own block (``model.mnet`` / ``model.aesaf``). Of ``model``:
 
-- ``manifest_path``, ``root`` (relative image paths resolve against it), ``family``, ``options``
-  (the family's params), ``seed``, ``epochs``, ``lr``, ``weight_decay``, ``batch_size``,
-  ``image_size``;
+- ``family``, ``epochs``, ``lr``, ``weight_decay``, ``batch_size``, ``image_size``, ``loader_workers``;
 - ``corner_grid`` (``off`` / ``always`` / ``with_mixed``: from the precision switch on, as
   M+MNet's stage 2; ``auto``: the family's), ``corner_grid_r`` (0.1), ``hflip`` (random
   horizontal flips), ``crop`` (``off`` / ``random``: stage 1's 256 -> 224 random crop; ``auto``:
@@ -28,13 +29,16 @@ model is wrapped in DDP on more than one worker, each worker trains on its shard
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
+from pipelines.config import ModelParams
 from pipelines.data.manifest import read_manifest, vote_distribution
 from pipelines.images import MEAN, STD, batch_loader, image_tensor, load_image, normalise, open_image, to_device  # noqa: F401 (re-exported)
 from pipelines.io import DataError
@@ -42,12 +46,29 @@ from pipelines.metrics import dist_to_score, emd, srcc
 from pipelines.models import build, loss_terms, make_optimizer, resolve
 from pipelines.models.amp import MixedPrecisionTrainer, PrecisionGate, low_dtype, monitor_dtype
 from pipelines.models.augment import augment, crop_source, crops_in, pad_box
-from pipelines.train.core import Context, FitOptions, fit
+from pipelines.train.core import Context, FitOptions, fit, method_config
 from pipelines.train.precision import check_speed, enable_tf32, prepare_module, speed_of
 
 CORNER_GRID_MODES = ("off", "always", "with_mixed")
 SCHEDULES = ("single", "three_stage")
 ASPECTS = ("square", "keep")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FamilyConfig:
+    """The family loop's config."""
+
+    model: ModelParams  # ``auto`` choices (optimizer, crop, corner_grid) resolved to the family's
+    manifest_path: str | Path
+    root: str
+
+    @property
+    def options(self) -> dict:
+        """The family's own params block (``model.mnet`` / ``model.aesaf``); no ``weights`` key when none is given."""
+        options = dataclasses.asdict(self.model.mnet if self.model.family == "mnet" else self.model.aesaf)
+        if not options.get("weights"):
+            options.pop("weights", None)
+        return options
 
 
 def predict_mode(aspect: str) -> str:
@@ -57,19 +78,19 @@ def predict_mode(aspect: str) -> str:
     return "resize" if aspect == "square" else "short_side"
 
 
-def stage_of(epoch: int, config: dict, switch_epoch: int | None) -> tuple[tuple[int, int], str, int]:
-    """(size (h, w), resize mode, stage number) of an epoch under the resolution schedule."""
-    s = config["image_size"]
-    base = predict_mode(config.get("aspect", "square"))
-    if config.get("schedule", "single") == "single":
+def stage_of(epoch: int, m: ModelParams, switch_epoch: int | None) -> tuple[tuple[int, int], str, int]:
+    """(size (h, w), resize mode, stage number) of an epoch under the resolution schedule of ``m`` (``model.*``)."""
+    s = m.image_size
+    base = predict_mode(m.aspect)
+    if m.schedule == "single":
         return (s, s), base, 1
-    if config["schedule"] not in SCHEDULES:
-        raise DataError(f"model.schedule = {config['schedule']!r}; use one of {SCHEDULES}.")
-    start2 = switch_epoch if config["amp"]["enabled"] else config["stage2_from"]
-    if epoch >= config["epochs"] - config["stage3_epochs"]:
+    if m.schedule not in SCHEDULES:
+        raise DataError(f"model.schedule = {m.schedule!r}; use one of {SCHEDULES}.")
+    start2 = switch_epoch if m.amp.enabled else m.stage2_from
+    if epoch >= m.epochs - m.stage3_epochs:
         return (s, s), base, 3
     if start2 is not None and epoch >= start2:
-        h, w = config["stage2_size"]
+        h, w = m.stage2_size
         return (int(h), int(w)), "pad", 2
     return (s, s), base, 1
 
@@ -124,66 +145,65 @@ def labelled(df: pd.DataFrame, split: str) -> pd.DataFrame:
 class FamilyTraining:
     """An image model family (M+MNet, AE fusion) on this worker's shard of the labelled train images."""
 
-    def __init__(self, config: dict, ctx: Context):
+    def __init__(self, config: FamilyConfig, ctx: Context):
         self.config, self.ctx = config, ctx
+        m = self.m = config.model
         device = ctx.device
-        df = read_manifest(config["manifest_path"])
+        df = read_manifest(config.manifest_path)
         train, self.val = labelled(df, "train"), labelled(df, "val")
         if len(train) < 2:
-            raise DataError(f"{config['manifest_path']}: {len(train)} labelled train images; need >= 2.")
+            raise DataError(f"{config.manifest_path}: {len(train)} labelled train images; need >= 2.")
         self.n_train = len(train)
         self.shard = ctx.shard(self.n_train)
-        paths = _paths(train, config["root"])
+        paths = _paths(train, config.root)
         self.train_paths = [paths[i] for i in self.shard]
-        self.val_paths = _paths(self.val, config["root"])
+        self.val_paths = _paths(self.val, config.root)
         dist = vote_distribution(train, missing="raise")
         self.dist = torch.from_numpy(dist[self.shard])
         self.val_dist = vote_distribution(self.val, missing="raise") if len(self.val) else None
         n_levels = dist.shape[1]
-        self.options = dict(config["options"])
-        self.speed = speed_of(config)
+        self.options = config.options
+        self.speed = speed_of(m)
         check_speed(self.speed, device, key="model")
         enable_tf32(device)
-        self.model = prepare_module(build(config["family"], n_levels, self.options), device, self.speed)
-        self.opt = make_optimizer(self.model.parameters(), resolve(config["family"], "optimizer", config.get("optimizer", "auto")),
-                                  config["lr"], config["weight_decay"], config.get("momentum", 0.9))
-        a = config["amp"]
-        self.gate = PrecisionGate(l1=a["l1"], l2=a["l2"], window=a["window"], enabled=a["enabled"])
-        low = low_dtype(a["dtype"], device)
+        self.model = prepare_module(build(m.family, n_levels, self.options), device, self.speed)
+        self.opt = make_optimizer(self.model.parameters(), resolve(m.family, "optimizer", m.optimizer), m.lr, m.weight_decay, m.momentum)
+        a = m.amp
+        self.gate = PrecisionGate(l1=a.l1, l2=a.l2, window=a.window, enabled=a.enabled)
+        low = low_dtype(a.dtype, device)
         self.trainer = MixedPrecisionTrainer(
-            ctx.ddp(self.model), self.opt, dtype=low, gate=self.gate, init_tau=a["init_tau"],
-            monitor=monitor_dtype(a.get("monitor", "auto"), low), growth_interval=a["growth_interval"],
+            ctx.ddp(self.model), self.opt, dtype=low, gate=self.gate, init_tau=a.init_tau,
+            monitor=monitor_dtype(a.monitor, low), growth_interval=a.growth_interval,
         )
-        self.arch = {"family": config["family"], "options": self.options, "n_levels": n_levels, "image_size": config["image_size"],
-                     "aspect": config.get("aspect", "square")}
-        self.grid_mode = resolve(config["family"], "corner_grid", config.get("corner_grid", "auto"))
-        self.crop_mode = resolve(config["family"], "crop", config.get("crop", "auto"))
+        self.arch = {"family": m.family, "options": self.options, "n_levels": n_levels, "image_size": m.image_size, "aspect": m.aspect}
+        self.grid_mode = resolve(m.family, "corner_grid", m.corner_grid)
+        self.crop_mode = resolve(m.family, "crop", m.crop)
         if self.grid_mode not in CORNER_GRID_MODES:
             raise DataError(f"model.corner_grid = {self.grid_mode!r}; use one of {CORNER_GRID_MODES}.")
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
-        config, ctx, device, gen = self.config, self.ctx, self.ctx.device, self.ctx.generator
+        m, ctx, device, gen = self.m, self.ctx, self.ctx.device, self.ctx.generator
         self.model.train()
-        size, mode, stage = stage_of(epoch, config, self.gate.switch_epoch)
+        size, mode, stage = stage_of(epoch, m, self.gate.switch_epoch)
         use_grid = self.grid_mode == "always" or (self.grid_mode == "with_mixed" and self.gate.mixed)
         use_crop = crops_in(stage, mode, self.crop_mode)
-        batches = ctx.batches(self.n_train, len(self.shard), config["batch_size"])
+        batches = ctx.batches(self.n_train, len(self.shard), m.batch_size)
         specs = []  # (rows, flips, crops) per batch, drawn in batch order; decoded by the shared loader
         for rows in batches:
-            flip = torch.rand(len(rows), generator=gen) < 0.5 if config.get("hflip", True) else None
+            flip = torch.rand(len(rows), generator=gen) < 0.5 if m.hflip else None
             crop = torch.rand(len(rows), 2, generator=gen) if use_crop else None
             specs.append((rows, flip, crop))
-        make = functools.partial(_train_batch, self.train_paths, size, mode, config.get("corner_grid_r", 0.1) if use_grid else None)
+        make = functools.partial(_train_batch, self.train_paths, size, mode, m.corner_grid_r if use_grid else None)
         totals: dict[str, float] = {}
-        loader = batch_loader(specs, make, workers=config.get("loader_workers", 0), device=device)
+        loader = batch_loader(specs, make, workers=m.loader_workers, device=device)
         for (rows, _, _), x in zip(specs, loader, strict=True):
             x = to_device(x, device)
             y = self.dist[rows].to(device)
             parts: dict = {}
 
-            def loss_fn(m: torch.nn.Module, x=x, y=y, parts=parts) -> torch.Tensor:
-                out = m(x)  # the trainer's autocast (mixed phase) sets the compute dtype
-                parts.update(loss_terms(config["family"], self.model, out, y, self.options, x))
+            def loss_fn(net: torch.nn.Module, x=x, y=y, parts=parts) -> torch.Tensor:
+                out = net(x)  # the trainer's autocast (mixed phase) sets the compute dtype
+                parts.update(loss_terms(m.family, self.model, out, y, self.options, x))
                 return parts["loss"].float()
 
             self.trainer.step(loss_fn)
@@ -199,8 +219,7 @@ class FamilyTraining:
     def validate(self, epoch: int) -> dict[str, float]:
         if self.val_dist is None or len(self.val) < 3:
             return {}
-        probs = predict(self.model, self.val_paths, self.config["image_size"], device=self.ctx.device,
-                        aspect=self.config.get("aspect", "square"))
+        probs = predict(self.model, self.val_paths, self.m.image_size, device=self.ctx.device, aspect=self.m.aspect)
         return {"val_emd2": float(emd(probs, self.val_dist, 2)),
                 "val_srcc": float(srcc(dist_to_score(probs), dist_to_score(self.val_dist)))}
 
@@ -218,8 +237,9 @@ class FamilyTraining:
 
 
 def image_family_loop(config: dict) -> None:
-    """Ray Train loop of the ``family`` stage (``config``: ``stages.family.family_config``)."""
-    fit(lambda ctx: FamilyTraining(config, ctx), config, FitOptions(epochs=config["epochs"], desc=config["family"]))
+    """Ray Train loop of the ``family`` stage (``config``: a ``FamilyConfig`` and the run's keys)."""
+    cfg = method_config(FamilyConfig, config, "family")
+    fit(lambda ctx: FamilyTraining(cfg, ctx), config, FitOptions(epochs=cfg.model.epochs, desc=cfg.model.family))
 
 
 def arch_aspect(arch: dict) -> str:

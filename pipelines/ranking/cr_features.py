@@ -6,7 +6,7 @@ it joins the CLIP cache and every reader of ``FeatureSet.emb`` (head, pseudo lab
 evaluation) takes it unchanged. The fingerprint holds the backbone's weights hash and the
 view (size, resize): new weights wipe the cache; a killed run keeps its finished chunks.
 
-``image_paths`` maps feature-table ids to image files through the manifest; ``cr_views`` is
+``pipelines.data.manifest.image_paths`` maps feature-table ids to image files; ``cr_views`` is
 the evaluation view every reader of pixels for E_CR uses (the scoring model too).
 """
 
@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 
 from pipelines.embed.cache import file_sha256, normalise_fingerprint, open_cache, write_chunk, write_meta
@@ -25,20 +24,6 @@ from pipelines.images import batch_loader, crop_view, to_device, view_batch
 from pipelines.io import DataError
 from pipelines.ranking.backbone import ImageCREncoder, state_fingerprint, sub_state
 from pipelines.train.data import CR_FEATURES_KIND
-
-
-def image_paths(manifest_path: str | Path, image_ids: Sequence[str], root: str | Path) -> list[str]:
-    """The image file of each id (manifest ``path``; relative paths resolve against ``root``)."""
-    from pipelines.data.manifest import read_manifest
-
-    df = read_manifest(manifest_path)
-    by_id = pd.Series(df["path"].to_numpy(), index=df["image_id"].astype(str))
-    ids = pd.Index([str(i) for i in image_ids])
-    rows = by_id.index.get_indexer(ids)
-    if (missing := np.flatnonzero(rows < 0)).size:
-        raise DataError(f"{manifest_path}: {missing.size} image id(s) of the features table are not in the manifest "
-                        f"(e.g. {ids[missing[0]]}); rerun `dvc repro features`.")
-    return [p if Path(p).is_absolute() else str(Path(root) / p) for p in by_id.to_numpy()[rows]]
 
 
 def cr_views(encoder: ImageCREncoder, images) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Contrastive pretraining of E_CR on balanced-level batches (TMCR sec. 3.3), as a ``fit`` method.
 
-``config["encoder"]``: ``embedding`` (the MLP E_CR over the cached CLIP embedding) or ``image``
-(``config["image"]``: a timm / torchvision backbone under the same MLP, trained on pixels with
+``PretrainConfig.encoder``: ``embedding`` (the MLP E_CR over the cached CLIP embedding) or ``image``
+(``PretrainConfig.image``: a timm / torchvision backbone under the same MLP, trained on pixels with
 TMCR's augmentation, decoded by ``loader_workers`` processes, in the precision and with the speed
 options of ``pipelines.train.precision``). One optimizer step takes ``batches_per_step`` balanced
 batches (``auto``: one per worker); each worker takes its own share of them, accumulates their
@@ -14,25 +14,61 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
+from pipelines.config import ImageEncoderParams
+from pipelines.data.manifest import image_paths
 from pipelines.images import batch_loader, check_images, view_batch
 from pipelines.io import DataError
 from pipelines.ranking.backbone import ImageCREncoder
-from pipelines.ranking.cr_features import image_paths
 from pipelines.ranking.encoder import CREncoder
 from pipelines.ranking.index import BalancedBatchSampler, score_bins
 from pipelines.ranking.loss import traversal_contrastive_loss
-from pipelines.train.core import Context, FitOptions, fit
+from pipelines.train.core import Context, FitOptions, fit, method_config
 from pipelines.train.data import embedding_dim, load_features, read_embedding_rows
 from pipelines.train.precision import (
     FP32, Speed, check_speed, enable_tf32, maybe_compile, optimizer, prepare_module, resolve_precision, speed_of, to_device,
 )
 
 ENCODERS = ("embedding", "image")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """The pretrain loop's config: ``stages.pretrain.pretrain_config`` builds it from params, for
+    the stage and for Tune (``pretrain.*`` keys; ``low`` / ``high`` are ``index.*``)."""
+
+    features_path: str | Path
+    index_path: str | Path
+    epochs: int
+    lr: float
+    weight_decay: float
+    tau: float
+    hidden: int
+    dim: int
+    dropout: float
+    batches_per_cluster: int
+    low: int
+    high: int
+    encoder: str = "embedding"
+    batches_per_step: int | str = "auto"
+    embeddings_path: str | Path | None = None  # encoder: embedding
+    manifest_path: str | Path | None = None  # encoder: image
+    root: str | None = None  # encoder: image (relative image paths resolve against it)
+    image: ImageEncoderParams | None = None  # encoder: image
+
+    def __post_init__(self):
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"pretrain.encoder must be one of {ENCODERS}, got {self.encoder!r}")
+        if self.encoder == "image" and (self.image is None or self.manifest_path is None or self.root is None):
+            raise ValueError("pretrain.encoder: image needs image, manifest_path and root")
+        if self.encoder == "embedding" and self.embeddings_path is None:
+            raise ValueError("pretrain.encoder: embedding needs embeddings_path")
 
 
 def steps_of(batches_per_step: int | str, world: int) -> int:
@@ -63,11 +99,11 @@ def rows_views(paths: list[str], size: int, resize: int, hflip: bool, spec) -> t
     return view_batch([paths[int(i)] for i in rows], size, resize, seed=seed, hflip=hflip)
 
 
-def pretrain_images(config: dict, train) -> list[str]:
+def pretrain_images(config: PretrainConfig, train) -> list[str]:
     """The image file of every train row (``config``: ``manifest_path``, ``root``), checked on disk
     for the rows the balanced sampler can pick."""
-    paths = image_paths(config["manifest_path"], train.image_id, config["root"])
-    index = pd.read_parquet(config["index_path"])
+    paths = image_paths(config.manifest_path, train.image_id, config.root)
+    index = pd.read_parquet(config.index_path)
     picked = sorted({int(r) for m in index.loc[index["active"], "members"] for r in m})
     check_images([paths[r] for r in picked], what="rows the balanced sampler picks (pretrain.encoder: image)",
                  fix="restore the files or rebuild the manifest (`dvc repro prepare`), then rerun `dvc repro pretrain`.")
@@ -77,40 +113,37 @@ def pretrain_images(config: dict, train) -> list[str]:
 class Pretrain:
     """The traversal contrastive method: E_CR, AdamW, the balanced sampler."""
 
-    def __init__(self, config: dict, ctx: Context):
-        encoder = config.get("encoder", "embedding")
-        if encoder not in ENCODERS:
-            raise ValueError(f"pretrain.encoder must be one of {ENCODERS}, got {encoder!r}")
-        self.config, self.ctx, self.image = config, ctx, encoder == "image"
+    def __init__(self, config: PretrainConfig, ctx: Context):
+        self.config, self.ctx, self.image = config, ctx, config.encoder == "image"
         device = ctx.device
         # labels only (a few small columns); the embeddings of the rows this worker trains on are read per epoch
-        self.train = load_features(config["features_path"], None, splits=("train",))
-        index = pd.read_parquet(config["index_path"])
+        self.train = load_features(config.features_path, None, splits=("train",))
+        index = pd.read_parquet(config.index_path)
         # N_s per cluster comes from the index stage (`index.n_per_bin`)
-        self.sampler = BalancedBatchSampler(index, batches_per_cluster=config["batches_per_cluster"], seed=config["seed"])
-        self.bins = torch.from_numpy(score_bins(self.train.score, low=config["low"], high=config["high"]).astype(np.int64))
-        self.per_step = steps_of(config.get("batches_per_step", "auto"), ctx.world)
+        self.sampler = BalancedBatchSampler(index, batches_per_cluster=config.batches_per_cluster, seed=ctx.seed)
+        self.bins = torch.from_numpy(score_bins(self.train.score, low=config.low, high=config.high).astype(np.int64))
+        self.per_step = steps_of(config.batches_per_step, ctx.world)
         self.local = self.per_step // ctx.world
         if self.image:
-            img = config["image"]
+            img = config.image
             self.speed = speed_of(img)
             check_speed(self.speed, device, key="pretrain.image")
             paths = pretrain_images(config, self.train)
-            enc = ImageCREncoder(img["backbone"], config["hidden"], config["dim"], config["dropout"], image_size=img["image_size"],
-                                 resize=img["resize"], weights=img["weights"])
+            enc = ImageCREncoder(img.backbone, config.hidden, config.dim, config.dropout, image_size=img.image_size,
+                                 resize=img.resize, weights=img.weights)
             enc = prepare_module(enc, device, self.speed)
-            groups = [{"params": list(enc.backbone.parameters()), "lr": img["backbone_lr"]}, {"params": list(enc.proj.parameters())}]
-            self.make = functools.partial(rows_views, paths, img["image_size"], img["resize"], img.get("hflip", True))
-            self.precision = resolve_precision(img.get("precision", "auto"), device, key="pretrain.image.precision")
-            self.workers = img.get("loader_workers", 0)
+            groups = [{"params": list(enc.backbone.parameters()), "lr": img.backbone_lr}, {"params": list(enc.proj.parameters())}]
+            self.make = functools.partial(rows_views, paths, img.image_size, img.resize, img.hflip)
+            self.precision = resolve_precision(img.precision, device, key="pretrain.image.precision")
+            self.workers = img.loader_workers
             enable_tf32(device)
         else:
-            self.cache = config["embeddings_path"]
-            enc = CREncoder(embedding_dim(self.cache), config["hidden"], config["dim"], config["dropout"]).to(device)
+            self.cache = config.embeddings_path
+            enc = CREncoder(embedding_dim(self.cache), config.hidden, config.dim, config.dropout).to(device)
             groups = [{"params": list(enc.parameters())}]
             self.speed, self.precision, self.workers = Speed(), FP32, 0
         self.enc = enc
-        self.opt = optimizer(groups, lr=config["lr"], weight_decay=config["weight_decay"], device=device, speed=self.speed)
+        self.opt = optimizer(groups, lr=config.lr, weight_decay=config.weight_decay, device=device, speed=self.speed)
         self.scaler = self.precision.scaler(device)
         self.model, _ = maybe_compile(ctx.ddp(enc), self.speed)
         self.compiled = False  # set once the first step (which compiles) has run
@@ -123,7 +156,7 @@ class Pretrain:
             raise DataError(f"pretrain: an epoch has {len(batches)} balanced batches, fewer than batches_per_step = {per_step}; "
                             "raise pretrain.batches_per_cluster or lower pretrain.batches_per_step.")
         # this worker's share of each step: batches [rank * local, (rank + 1) * local) of the step's group
-        specs = [(batches[s * per_step + j], (config["seed"], epoch, s * per_step + j))
+        specs = [(batches[s * per_step + j], (ctx.seed, epoch, s * per_step + j))
                  for s in range(n_steps) for j in range(ctx.rank * local, (ctx.rank + 1) * local)]
         make = self.make if self.image else functools.partial(_rows_tensor, *_epoch_shard(self.cache, self.train.image_id, specs))
         self.enc.train()
@@ -142,7 +175,7 @@ class Pretrain:
                 with model.no_sync() if ctx.world > 1 and not last else contextlib.nullcontext():
                     with self.precision.autocast(device):
                         z = model(x)
-                    loss = traversal_contrastive_loss(z.float(), self.bins[rows].to(device), tau=config["tau"])
+                    loss = traversal_contrastive_loss(z.float(), self.bins[rows].to(device), tau=config.tau)
                     self.scaler.scale(loss / local).backward()
                 total, n = total + loss.item(), n + 1
             self.scaler.step(self.opt)
@@ -171,6 +204,6 @@ class Pretrain:
 
 
 def pretrain_loop(config: dict) -> None:
-    """Ray Train loop of the ``pretrain`` stage (``config``: see ``stages.pretrain.pretrain_config``)."""
-    epochs = config["epochs"]
-    fit(lambda ctx: Pretrain(config, ctx), config, FitOptions(epochs=epochs, desc="pretrain"))
+    """Ray Train loop of the ``pretrain`` stage (``config``: a ``PretrainConfig`` and the run's keys)."""
+    cfg = method_config(PretrainConfig, config, "pretrain")
+    fit(lambda ctx: Pretrain(cfg, ctx), config, FitOptions(epochs=cfg.epochs, desc="pretrain"))

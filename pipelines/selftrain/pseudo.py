@@ -25,7 +25,8 @@ import pyarrow as pa
 from pipelines.io import DataError
 from pipelines.metrics import dist_to_score
 from pipelines.selftrain.apds import apds_sharpen, grid_search, select_pseudo_labels
-from pipelines.train.data import FeatureSet, load_features, load_matcher
+from pipelines.train.data import FeatureSet, load_features
+from pipelines.semantics import load_matcher
 from pipelines.heads.build import load_head, predict_logits
 
 PARAMS_SOURCE = "params.yaml pseudo_search"
@@ -112,11 +113,11 @@ def pseudo_labels(
 
     Reads the training scores (for s-bar) and, with their embeddings, only the 'val' and
     'unlabeled' rows. ``embeddings_path``: E_CR's input cache; ``clip_path`` / ``tags_path``: the
-    CLIP cache and tag table TM is computed from (defaults as ``loops.input_paths``).
+    CLIP cache and tag table TM is computed from (defaults as ``pipelines.heads.build.input_paths``).
     """
     from pipelines.heads.build import input_paths
 
-    emb, clip, tags = input_paths({"embeddings_path": embeddings_path, "clip_path": clip_path, "tags_path": tags_path})
+    emb, clip, tags = input_paths(embeddings_path, clip_path, tags_path)
     mean_score = float(np.mean(load_features(features_path, None, splits=("train",)).score))
     feats = load_features(features_path, emb, clip_path=clip, splits=("val", "unlabeled"))
     matcher = load_matcher(features_path, tags)

@@ -5,6 +5,7 @@ from pipelines.semantics.match import (
     fit_kmeans,
     inertia,
     kmeans_space,
+    load_matcher,
     semantic_clusters,
     TagMatcher,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "fit_kmeans",
     "inertia",
     "kmeans_space",
+    "load_matcher",
     "semantic_clusters",
     "TagMatcher",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -195,3 +197,19 @@ def semantic_clusters(sim_sem: np.ndarray, n_clusters: int, seed: int, fit_mask:
     km = fit_kmeans(sim_sem, n_clusters, seed, rows=np.flatnonzero(fit_mask), method=method, fit_rows=fit_rows,
                     n_init=n_init)
     return assign_clusters(sim_sem, km.cluster_centers_)
+
+
+def load_matcher(features_path: str | Path, tags_path: str | Path):
+    """The :class:`TagMatcher` of a features table: the tag table's
+    embeddings at the logit scale the table records (``features.logit_scale``)."""
+    from pipelines.embed.cache import read_text_embeddings
+    from pipelines.train.data import FIX, N_ATTRIBUTE_KEY, N_SEMANTIC_KEY, TM_SCALE_KEY, features_meta
+
+    meta = features_meta(Path(features_path))
+    _, kinds, tag_emb = read_text_embeddings(tags_path)
+    matcher = TagMatcher(tag_emb, kinds, float(meta.get(TM_SCALE_KEY, b"1.0")))
+    built = tuple(int(meta[k]) for k in (N_SEMANTIC_KEY, N_ATTRIBUTE_KEY) if k in meta)
+    if built and built != (matcher.n_sem, matcher.dim - matcher.n_sem):
+        raise DataError(f"{features_path}: built for {built[0]} semantic + {built[1]} attribute tags, but {tags_path} has "
+                        f"{matcher.n_sem} + {matcher.dim - matcher.n_sem}; {FIX}.")
+    return matcher

@@ -1,7 +1,7 @@
 """MLflow runs for the pipeline stages (SQLite backend store by default).
 
 The driver of each training/evaluation stage opens one run; Ray Train's rank-0 worker
-logs per-epoch metrics into that run by id (``EpochLogger``), so the same code logs from
+logs per-epoch metrics into that run by id (``pipelines.train.log.EpochLogger``), so the same code logs from
 a local process or a worker on a cluster (given a tracking URI both can reach).
 
 The store belongs to the repo: ``mlflow.artifact_root`` (default ``mlruns/artifacts``) is
@@ -23,7 +23,6 @@ from typing import Any, Iterator
 
 from pipelines.config import MlflowParams, flatten
 from pipelines.io import DataError
-from pipelines.train.log import EpochLogger  # noqa: F401 (re-exported: rank-0 epoch metrics)
 
 log = logging.getLogger(__name__)
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipelines.config import config_from
 from pipelines.train.data import shard_rows
 from pipelines.train.log import EpochLogger
 from pipelines.train.runner import CHECKPOINT_VERSION, load_resume_state, report_epoch, restore_rng, rng_state, worker_info
@@ -107,6 +108,19 @@ class Method(Protocol):
         as detached CPU copies (``cpu_copy``): training goes on after they are taken."""
 
 
+# the keys of a loop's Ray config that belong to the run, not the method: the seed, where it logs,
+# where it resumes from, how often it reports (``run_training`` and ``train_stage`` add them)
+RUN_KEYS = ("seed", "tracking_uri", "run_id", "resume_path", "checkpoint_every")
+
+
+def method_config(cls: type, config: dict[str, Any] | Any, loop: str):
+    """The method's typed, frozen config (``cls``) from a loop's Ray config (the run's keys aside).
+    An unknown, missing or mistyped key fails here, at the loop's start, naming the loop and the key."""
+    if not isinstance(config, dict):
+        return config_from(cls, config, f"the {loop} loop's config")
+    return config_from(cls, {k: v for k, v in config.items() if k not in RUN_KEYS}, f"the {loop} loop's config")
+
+
 @dataclass(frozen=True)
 class FitOptions:
     """The loop-independent part of a run's config."""
@@ -162,10 +176,11 @@ def fit(make_method, config: dict[str, Any], options: FitOptions) -> None:
                 best = {**method.selectable(), "epoch": epoch, "val_srcc": metrics.get("val_srcc", np.nan),
                         "selected_on": metrics[options.select_on]}
             state = {**method.state_dict(), "epoch": epoch, "started_at_epoch": start, "best": best,
-                     "rng": rng_state(ctx.generator), "metrics": metrics, "core_version": CHECKPOINT_VERSION}
+                     "rng": rng_state(ctx.generator), "metrics": metrics, "core_version": CHECKPOINT_VERSION,
+                     "epochs": options.epochs}
             if epoch + 1 == options.epochs:
                 state.update(selected(state))
-        report_epoch(metrics, state, config, rank)
+        report_epoch(metrics, state, config, rank, options.epochs)
 
 
 def selected(state: dict) -> dict:

@@ -98,7 +98,8 @@ def _table(path: Path, columns: list[str], splits):
     return _read(path, lambda: pq.read_table(path, columns=columns, filters=filters))
 
 
-def _meta(path: Path) -> dict:
+def features_meta(path: Path) -> dict:
+    """The features table's schema metadata (bytes keys and values: ``TM_SCALE_KEY``, ...)."""
     return _read(path, lambda: pq.read_schema(path).metadata or {})
 
 
@@ -124,7 +125,7 @@ def load_features(features_path: str | Path, embeddings_path: str | Path | None,
     if rows is not None:
         table = table.take(np.asarray(rows, dtype=np.int64))
     image_id = np.asarray(table.column("image_id").to_pylist(), dtype=object)
-    emb_dim = _meta(path).get(EMB_DIM_KEY)
+    emb_dim = features_meta(path).get(EMB_DIM_KEY)
     emb = _embeddings(path, embeddings_path, image_id, emb_dim)
     if clip_path is None or (embeddings_path is not None and Path(clip_path) == Path(embeddings_path)):
         clip = emb if embeddings_path is not None and not _is_cr_cache(Path(embeddings_path)) else np.zeros((len(image_id), 0), np.float32)
@@ -251,22 +252,6 @@ def embedding_dim(cache: str | Path) -> int:
     if not parts:
         raise DataError(f"{cache}: the embedding cache has no parts; run `dvc repro embed`.")
     return pq.read_schema(parts[0]).field("embedding").type.list_size
-
-
-def load_matcher(features_path: str | Path, tags_path: str | Path):
-    """The :class:`~pipelines.semantics.TagMatcher` of a features table: the tag table's
-    embeddings at the logit scale the table records (``features.logit_scale``)."""
-    from pipelines.embed.cache import read_text_embeddings
-    from pipelines.semantics import TagMatcher
-
-    meta = _meta(Path(features_path))
-    _, kinds, tag_emb = read_text_embeddings(tags_path)
-    matcher = TagMatcher(tag_emb, kinds, float(meta.get(TM_SCALE_KEY, b"1.0")))
-    built = tuple(int(meta[k]) for k in (N_SEMANTIC_KEY, N_ATTRIBUTE_KEY) if k in meta)
-    if built and built != (matcher.n_sem, matcher.dim - matcher.n_sem):
-        raise DataError(f"{features_path}: built for {built[0]} semantic + {built[1]} attribute tags, but {tags_path} has "
-                        f"{matcher.n_sem} + {matcher.dim - matcher.n_sem}; {FIX}.")
-    return matcher
 
 
 def embedding_files(embeddings_path: str | Path) -> list[Path]:

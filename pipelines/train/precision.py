@@ -97,10 +97,11 @@ class Speed:
     compile: bool = False
 
 
-def speed_of(block: dict) -> Speed:
-    """The speed options of a params block (``pretrain.image``, ``model``) as a loop's config holds it."""
-    return Speed(channels_last=block.get("channels_last", True), fused_optimizer=block.get("fused_optimizer", True),
-                 compile=block.get("compile", False))
+def speed_of(block) -> Speed:
+    """The speed options of a params block (``pretrain.image``, ``model``: the dataclasses of
+    ``pipelines.config``); an option the block does not have keeps its default."""
+    return Speed(channels_last=getattr(block, "channels_last", True), fused_optimizer=getattr(block, "fused_optimizer", True),
+                 compile=getattr(block, "compile", False))
 
 
 def check_speed(speed: Speed, device: torch.device | str, *, key: str) -> None:

@@ -15,6 +15,7 @@ Two kinds of resume:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -36,6 +37,12 @@ CHECKPOINT_EVERY = 5
 
 
 RUN_KEYS = ("run_id", "tracking_uri")  # where a run logs, not what it trains
+
+
+def ray_config(config: Any) -> dict[str, Any]:
+    """A loop's config as the plain dict Ray hands to the loop: a method's typed config
+    (a dataclass: ``PretrainConfig``, ``HeadConfig``, ...) flattened, nested blocks included."""
+    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
 
 
 def fingerprint(config: dict[str, Any], inputs: list[str]) -> str:
@@ -122,19 +129,21 @@ def params_key(stage: str) -> str:
 
 def run_training(
     loop: Callable[[dict], None],
-    config: dict[str, Any],
+    config: Any,
     ray_params: TrainParams,
     *,
     stage: str,
     inputs: list[str],
     max_failures: int = 2,
 ) -> dict[str, Any]:
-    """Fit ``loop`` with Ray Train; return the final state dict the loop checkpointed."""
+    """Fit ``loop`` with Ray Train; return the final state dict the loop checkpointed. ``config``: the
+    loop's typed config or its dict, with the run's keys (``pipelines.train.core.RUN_KEYS``)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     if ray_params.checkpoint_every < 1:
         raise DataError(f"params.yaml: {stage}: ray.checkpoint_every = {ray_params.checkpoint_every}; use an integer >= 1.")
+    config = ray_config(config)
     fp = fingerprint(config, inputs)
     run_name = f"{stage}-{fp}"
     resume = runs_dir() / run_name / "checkpoint" / STATE_FILE
@@ -213,9 +222,9 @@ def check_version(state: dict, path: Path) -> None:
             f"continue from it. Delete {path.parent.parent} (or all of {runs_dir()}) and rerun the stage to train from the start.")
 
 
-def report_epoch(metrics: dict[str, float], state: dict | None, config: dict, rank: int) -> None:
+def report_epoch(metrics: dict[str, float], state: dict | None, config: dict, rank: int, epochs: int) -> None:
     """Checkpoint one epoch: rank 0 writes the resume point; Ray gets a report every
-    ``config['checkpoint_every']`` epochs (``ray.checkpoint_every``, default 5) and at the last epoch.
+    ``config['checkpoint_every']`` epochs (``ray.checkpoint_every``, default 5) and at the last of ``epochs``.
 
     The resume file (replaced atomically) is written every epoch: it is cheap. A
     ``ray.train.report`` costs about a second with worker actors, and per-epoch metrics
@@ -230,7 +239,7 @@ def report_epoch(metrics: dict[str, float], state: dict | None, config: dict, ra
     if rank == 0 and state is not None:
         save_torch(state, path)
     epoch, every = int(metrics["epoch"]), config.get("checkpoint_every", CHECKPOINT_EVERY)
-    if (epoch + 1) % every and epoch + 1 < config["epochs"]:
+    if (epoch + 1) % every and epoch + 1 < epochs:
         return
     if rank == 0 and state is not None:
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(path.parent)))
@@ -270,7 +279,7 @@ def finished_run(resume: Path, config: dict[str, Any]) -> dict[str, Any] | None:
         return None
     state = load_torch(resume)
     check_version(state, resume)
-    if "metrics" not in state or state["epoch"] + 1 < config.get("epochs", float("inf")):
+    if "metrics" not in state or state["epoch"] + 1 < state.get("epochs", config.get("epochs", float("inf"))):
         return None
     from pipelines.train.log import EpochLogger
 

@@ -46,7 +46,7 @@ import yaml
 from pipelines.config import Params, TrainParams, dump_yaml, params_from_dict, read_yaml
 from pipelines.io import DataError, load_torch, save_torch, write_json, write_text
 from pipelines.train.core import SELECT_ON
-from pipelines.train.runner import check_gpu, ensure_ray
+from pipelines.train.runner import check_gpu, ensure_ray, ray_config
 
 SAMPLERS = ("loguniform", "uniform", "quniform", "randint", "choice", "grid")
 SCHEDULERS = ("asha", "fifo")
@@ -67,7 +67,7 @@ class Step:
 
     name: str
     loop: Callable[[dict], None]
-    config: dict[str, Any]
+    config: Any  # the loop's typed config (or a dict)
     save_to: str | None = None
     ray_train: bool = True  # False: a plain function of the config, run in the trial process
 
@@ -313,7 +313,7 @@ def trial_fn(config: dict, setup: dict) -> None:
     for i, step in enumerate(steps):
         last = i == len(steps) - 1
         step_config = {
-            **step.config, "seed": params.seed, "tracking_uri": setup["tracking_uri"], "run_id": run_id if last else None,
+            **ray_config(step.config), "seed": params.seed, "tracking_uri": setup["tracking_uri"], "run_id": run_id if last else None,
             "resume_path": str(trial_dir / step.name / "checkpoint" / STATE_FILE),
         }
         if not step.ray_train:
