@@ -8,8 +8,10 @@ imported: the script blocks them, so a stray import fails the run):
   optimizer and speed options of ``pipelines.train.precision`` -- per precision (bf16 / fp16 /
   fp32) and option (channels_last, fused AdamW, torch.compile, batch 64 vs 256). Two inputs:
   ``decode`` (JPEG files this script writes to a temporary folder, decoded and augmented by the
-  ``pipelines.images`` loader with ``--workers`` processes) and ``resident`` (the same step on
-  tensors already on the device: the compute ceiling).
+  ``pipelines.images`` loader with ``--workers`` processes), ``gpu_decode`` (the same files, the
+  workers only reading their bytes: decoded, resized, cropped and flipped on the device, as
+  ``pretrain.image.decode: gpu`` trains) and ``resident`` (the same step on tensors already on
+  the device: the compute ceiling).
 - mnet: M+MNet training steps through ``pipelines.models.amp.MixedPrecisionTrainer`` (the model
   built as the family loop builds it, ``pipelines.models.build``): the FP32 phase (with its fp16
   overflow monitor), the mixed phase (autocast fp16 + GradScaler), the mixed phase with
@@ -167,18 +169,11 @@ def write_images(folder: Path, n: int, side: int, seed: int = 0) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ E_CR
-def _views(paths, size, resize, spec):
-    from pipelines.images import view_batch
-
-    rows, seed = spec
-    return view_batch([paths[i] for i in rows], size, resize, seed=seed)
-
-
 def ecr_rows(b: Bench, paths: list[str]) -> None:
     import numpy as np
     import torch
 
-    from pipelines.images import batch_loader
+    from pipelines.images import TrainViews, batch_loader
     from pipelines.ranking.backbone import ImageCREncoder
     from pipelines.ranking.loss import traversal_contrastive_loss
     from pipelines.train.precision import (
@@ -229,8 +224,9 @@ def ecr_rows(b: Bench, paths: list[str]) -> None:
         else:
             rng = np.random.default_rng(0)
             specs = [(rng.choice(len(paths), batch).tolist(), (0, 0, k)) for k in range(warm + steps)]
-            it = iter(batch_loader(specs, functools.partial(_views, paths, size, resize), workers=workers, device=dev))
-            got = b.timed(lambda k: step_on(to_device(next(it), dev, speed)), warm, steps, batch)
+            views = TrainViews(paths, size, resize, decode="gpu" if source == "gpu_decode" else "cpu")  # the training loops' views
+            it = iter(batch_loader(specs, views.load, workers=workers, device=dev))
+            got = b.timed(lambda k: step_on(to_device(views.finish(next(it), specs[k], dev), dev, speed)), warm, steps, batch)
         return {**got, "precision_ran": prec.name, "fused_ran": bool(speed.fused_optimizer and cuda),
                 "n_params": sum(p.numel() for p in enc.parameters())}
 
@@ -241,6 +237,8 @@ def ecr_rows(b: Bench, paths: list[str]) -> None:
             yield "decode", prec, small, base
         yield "decode", "bf16", small, both
         yield "decode", "bf16", big, both
+        yield "gpu_decode", "bf16", small, both  # pretrain.image.decode: gpu (workers read bytes; nvjpeg + augment on the GPU)
+        yield "gpu_decode", "bf16", big, both
         for prec in ("bf16", "fp16", "fp32"):
             yield "resident", prec, small, base
         yield "resident", "bf16", small, Speed(channels_last=True, fused_optimizer=False)
@@ -256,7 +254,7 @@ def ecr_rows(b: Bench, paths: list[str]) -> None:
     for source, prec, batch, speed in plan():
         b.row(functools.partial(run, prec, batch, speed, source), part="ecr", input=source, backbone=backbone, size=size,
               precision=prec, batch=batch, channels_last=speed.channels_last, fused_adamw=speed.fused_optimizer,
-              compile=speed.compile, loader_workers=workers if source == "decode" else None, steps=steps)
+              compile=speed.compile, loader_workers=workers if source != "resident" else None, steps=steps)
     if not compile_rows:
         b.report["rows"].append({"part": "ecr", "compile": True, "skipped": "torch.compile rows are off here "
                                  "(on CUDA unless --no-compile; on CPU with --compile: an inductor C++ build takes minutes)"})

@@ -127,6 +127,9 @@ class ImageEncoderParams:
     batches_per_cluster: int = 5
     precision: str = "auto"  # auto (CUDA: bf16 where supported, else fp16 + GradScaler; CPU: fp32) | fp32 | bf16 | fp16
     loader_workers: int = 2  # decode processes per Ray worker
+    # cpu: the loader's processes decode and augment (PIL) | gpu: they only read the files; the training
+    # GPU decodes (nvjpeg), resizes, crops and flips (for when the CPU decode rate limits training; CUDA only)
+    decode: str = "cpu"
     batch_size: int = 64  # images per forward pass when writing the CR-feature cache
     # GPU speed options (pipelines.train.precision); ignored on CPU, where the numerics stay as they are
     channels_last: bool = True  # NHWC convolutions on CUDA

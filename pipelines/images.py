@@ -113,6 +113,73 @@ def view_batch(paths: Sequence[str], size: int, resize: int, seed: Sequence[int]
     return torch.stack([crop_view(open_image(p), size, resize, rng, hflip) for p in paths])
 
 
+DECODES = ("cpu", "gpu")  # where training views are decoded (``pretrain.image.decode``)
+
+
+def check_decode(decode: str, device: torch.device | str, *, key: str) -> None:
+    """Refuse, before training starts, a decode place the training device cannot honour."""
+    if decode not in DECODES:
+        raise DataError(f"params.yaml: {key} = {decode!r}; use one of {', '.join(DECODES)}.")
+    if decode == "gpu" and torch.device(device).type != "cuda":
+        raise DataError(f"params.yaml: {key} is gpu, but training runs on the CPU; set {key}: cpu "
+                        "(or train on GPUs: the stage's ray.use_gpu: true).")
+
+
+def device_views(datas: Sequence[torch.Tensor], size: int, resize: int, seed: Sequence[int] | None = None,
+                 hflip: bool = True, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``view_batch`` of encoded files (``read_bytes``), computed on ``device``: decoded there
+    (``decode_images``: nvjpeg on CUDA), resized to ``resize`` squared (bilinear, antialiased: within
+    a few grey levels of PIL's), then the same seeded crop and flip draws as ``crop_view``, normalised."""
+    from torchvision.transforms.v2 import functional as TF
+
+    if not 1 <= size <= resize:
+        raise ValueError(f"need 1 <= size <= resize, got size={size}, resize={resize}")
+    device = torch.device(device)
+    images, errors = decode_images(list(datas), device)
+    if bad := [e for e in errors if e]:
+        raise DataError(f"{len(bad)} image(s) of a training batch could not be decoded ({bad[0]}); fix or remove them.")
+    rng = None if seed is None else np.random.default_rng([int(v) for v in seed])
+    out = []
+    for im in images:
+        x = TF.resize(im, [resize, resize], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        if rng is None:
+            top = left = (resize - size) // 2
+            flip = False
+        else:
+            top, left = (int(v) for v in rng.integers(0, resize - size + 1, size=2))
+            flip = hflip and bool(rng.random() < 0.5)
+        x = x[:, top : top + size, left : left + size]
+        out.append(x.flip(-1) if flip else x)
+    x = torch.stack(out).float() / 255.0
+    return (x - MEAN.to(device)) / STD.to(device)
+
+
+class TrainViews:
+    """TMCR's training views of files, by batch spec ``(rows, seed)``. ``load`` runs in the
+    loader's workers, ``finish`` on the training process: with ``decode="cpu"`` the workers build
+    the views (``view_batch``: PIL); with ``"gpu"`` they only read the files' bytes and the
+    training device decodes, resizes, crops and flips them (``device_views``), for when the
+    CPU's decode rate is what limits training."""
+
+    def __init__(self, paths: Sequence[str], size: int, resize: int, hflip: bool = True, decode: str = "cpu"):
+        if decode not in DECODES:
+            raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
+        self.paths, self.size, self.resize, self.hflip, self.decode = list(paths), size, resize, hflip, decode
+
+    def load(self, spec) -> torch.Tensor | list[torch.Tensor]:
+        rows, seed = spec
+        files = [self.paths[int(i)] for i in rows]
+        if self.decode == "cpu":
+            return view_batch(files, self.size, self.resize, seed=seed, hflip=self.hflip)
+        return [read_bytes(f) for f in files]
+
+    def finish(self, batch, spec, device: torch.device | str) -> torch.Tensor:
+        """The batch's views on ``device``."""
+        if self.decode == "cpu":
+            return to_device(batch, device)
+        return device_views(batch, self.size, self.resize, spec[1], self.hflip, device)
+
+
 class _Batches(torch.utils.data.Dataset):
     def __init__(self, specs: Sequence[Any], make: Callable[[Any], Any]):
         self.specs, self.make = list(specs), make

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from pipelines.images import check_decode
 from pipelines.io import DataError
 from pipelines.ranking.backbone import cr_card, create_backbone
 from pipelines.train.data import embedding_files, load_features
@@ -60,6 +61,7 @@ def check_device_options(img, use_gpu: bool, key: str) -> None:
     device = torch.device("cuda" if use_gpu else "cpu")
     resolve_precision(img.precision, device, key=f"{key}.precision")
     check_speed(speed_of(img), device, key=key)
+    check_decode(img.decode, device, key=f"{key}.decode")
 
 
 @cli

@@ -94,3 +94,49 @@ def test_compile_flag_compiles_a_tiny_model_to_the_same_outputs():
     x = torch.randn(4, 8)
     assert compiled is not m
     torch.testing.assert_close(compiled(x), m(x), rtol=1e-5, atol=1e-6)
+
+
+def _jpegs(tmp_path, n: int = 4) -> list[str]:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):  # smooth gradients with noise: JPEG-friendly, not flat
+        base = np.linspace(0, 200, 80)[None, :, None] + rng.normal(0, 10, (50 + 9 * i, 80, 3))
+        path = tmp_path / f"{i}.jpg"
+        Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).save(path, quality=95)
+        paths.append(str(path))
+    return paths
+
+
+def test_views_decoded_on_the_device_match_the_loaders_views(tmp_path):
+    """decode: gpu builds the same views as the CPU loader: the same seeded crops and flips, pixels
+    within about one grey level (libjpeg-turbo decodes as PIL does; the resize differs in rounding).
+    Run here on the CPU device: the CUDA run differs only in where the decode and resize run."""
+    from pipelines.images import TrainViews, device_views, read_bytes, view_batch
+
+    paths = _jpegs(tmp_path)
+    grey = 1 / 255 / 0.225  # one grey level after normalisation
+    for seed in ([0, 1, 2], [3, 4, 5], None):
+        a = view_batch(paths, 24, 32, seed=seed)
+        b = device_views([read_bytes(p) for p in paths], 24, 32, seed=seed)
+        assert a.shape == b.shape == (4, 3, 24, 24)
+        assert (a - b).abs().max() <= 1.5 * grey and (a - b).abs().mean() < 0.1 * grey
+    cpu, gpu = TrainViews(paths, 24, 32, decode="cpu"), TrainViews(paths, 24, 32, decode="gpu")
+    spec = ([3, 1], [7, 0, 2])
+    raw = gpu.load(spec)  # what a loader worker hands over: the files' bytes
+    assert isinstance(raw, list) and all(r.dtype == torch.uint8 for r in raw)
+    got, want = gpu.finish(raw, spec, CPU), cpu.finish(cpu.load(spec), spec, CPU)
+    assert (got - want).abs().max() <= 1.5 * grey
+
+
+def test_gpu_decode_without_a_gpu_names_the_key():
+    from pipelines.images import check_decode
+
+    with pytest.raises(DataError, match=r"pretrain\.image\.decode is gpu, but training runs on the CPU; set pretrain\.image\.decode: cpu"):
+        check_decode("gpu", CPU, key="pretrain.image.decode")
+    with pytest.raises(DataError, match=r"pretrain\.image\.decode = 'nvjpeg'; use one of cpu, gpu"):
+        check_decode("nvjpeg", CUDA, key="pretrain.image.decode")
+    check_decode("gpu", CUDA, key="pretrain.image.decode")
+    check_decode("cpu", CPU, key="pretrain.image.decode")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +32,10 @@ from pipelines.heads.losses import flsa_loss
 from pipelines.heads.model import TMCRHead
 from pipelines.heads.tfa import tfa_mix
 from pipelines.heads.train import HeadConfig, freeze_unused, val_metrics
-from pipelines.images import batch_loader, check_images, view_batch
+from pipelines.images import TrainViews, batch_loader, check_decode, check_images, view_batch
 from pipelines.io import load_torch
 from pipelines.ranking.backbone import encoder_from_spec, state_fingerprint
 from pipelines.ranking.cr_features import backbone_state
-from pipelines.ranking.pretrain import rows_views
 from pipelines.train.core import Context, cpu_copy, fit, method_config
 from pipelines.train.data import FeatureSet, load_features
 from pipelines.semantics import load_matcher
@@ -123,6 +121,7 @@ class FineTune:
         freeze_unused(head)
         self.speed = speed_of(img)
         check_speed(self.speed, device, key="pretrain.image")
+        check_decode(img.decode, device, key="pretrain.image.decode")
         self.ft = prepare_module(FineTuneModel(enc.backbone, head, h), device, self.speed)
         train_paths, self.val_paths = finetune_images(config, feats)
         groups = [{"params": list(self.ft.backbone.parameters()), "lr": config.backbone_lr},
@@ -138,17 +137,17 @@ class FineTune:
         self.shard = ctx.shard(self.n_train)
         self.tensors = {k: torch.from_numpy(getattr(train, k)[self.shard]) for k in ("dist", "score")}
         self.tensors["tm"] = torch.from_numpy(train_tm[self.shard])
-        self.make = functools.partial(rows_views, [train_paths[i] for i in self.shard], self.size, self.resize, img.hflip)
+        self.views = TrainViews([train_paths[i] for i in self.shard], self.size, self.resize, img.hflip, img.decode)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         ctx, device, h = self.ctx, self.ctx.device, self.h
         self.ft.train()
         batches = ctx.batches(self.n_train, len(self.shard), h.batch_size)
         specs = [(rows.numpy(), (ctx.seed, epoch, b, ctx.rank)) for b, rows in enumerate(batches)]
-        views = iter(batch_loader(specs, self.make, workers=self.img.loader_workers, device=device))
+        views = iter(batch_loader(specs, self.views.load, workers=self.img.loader_workers, device=device))
         totals, t0 = {"loss": 0.0, "emd": 0.0, "flsa": 0.0}, time.perf_counter()
-        for rows in batches:
-            x = to_device(next(views), device, self.speed)
+        for rows, spec in zip(batches, specs, strict=True):
+            x = to_device(self.views.finish(next(views), spec, device), device, self.speed)
             tm, dist, score = (self.tensors[k][rows].to(device) for k in ("tm", "dist", "score"))
             with self.precision.autocast(device):
                 fused, logits, targets = self.model(tm, x, dist, score, ctx.generator)

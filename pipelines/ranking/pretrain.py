@@ -23,7 +23,7 @@ import torch
 
 from pipelines.config import ImageEncoderParams
 from pipelines.data.manifest import image_paths
-from pipelines.images import batch_loader, check_images, view_batch
+from pipelines.images import TrainViews, batch_loader, check_decode, check_images
 from pipelines.io import DataError
 from pipelines.ranking.backbone import ImageCREncoder
 from pipelines.ranking.encoder import CREncoder
@@ -93,12 +93,6 @@ def _epoch_shard(cache, image_id: np.ndarray, specs) -> tuple[torch.Tensor, np.n
     return torch.from_numpy(read_embedding_rows(cache, image_id[rows])), local
 
 
-def rows_views(paths: list[str], size: int, resize: int, hflip: bool, spec) -> torch.Tensor:
-    """The augmented views of a batch spec ``(rows, seed)`` (TMCR's crop and flip)."""
-    rows, seed = spec
-    return view_batch([paths[int(i)] for i in rows], size, resize, seed=seed, hflip=hflip)
-
-
 def pretrain_images(config: PretrainConfig, train) -> list[str]:
     """The image file of every train row (``config``: ``manifest_path``, ``root``), checked on disk
     for the rows the balanced sampler can pick."""
@@ -128,12 +122,14 @@ class Pretrain:
             img = config.image
             self.speed = speed_of(img)
             check_speed(self.speed, device, key="pretrain.image")
+            check_decode(img.decode, device, key="pretrain.image.decode")
             paths = pretrain_images(config, self.train)
             enc = ImageCREncoder(img.backbone, config.hidden, config.dim, config.dropout, image_size=img.image_size,
                                  resize=img.resize, weights=img.weights)
             enc = prepare_module(enc, device, self.speed)
             groups = [{"params": list(enc.backbone.parameters()), "lr": img.backbone_lr}, {"params": list(enc.proj.parameters())}]
-            self.make = functools.partial(rows_views, paths, img.image_size, img.resize, img.hflip)
+            self.views = TrainViews(paths, img.image_size, img.resize, img.hflip, img.decode)
+            self.make = self.views.load
             self.precision = resolve_precision(img.precision, device, key="pretrain.image.precision")
             self.workers = img.loader_workers
             enable_tf32(device)
@@ -169,8 +165,9 @@ class Pretrain:
                 first = time.perf_counter() - t0
             self.opt.zero_grad(set_to_none=True)
             for j in range(local):
-                rows = specs[s * local + j][0]
-                x = to_device(next(views), device, self.speed)
+                spec = specs[s * local + j]
+                rows, batch = spec[0], next(views)
+                x = to_device(self.views.finish(batch, spec, device) if self.image else batch, device, self.speed)
                 last = j == local - 1
                 with model.no_sync() if ctx.world > 1 and not last else contextlib.nullcontext():
                     with self.precision.autocast(device):
