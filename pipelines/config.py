@@ -157,13 +157,14 @@ class PretrainParams:
 class HeadParams:
     protocol: str = "linear_probe"  # linear_probe | fine_tune (of the CR encoder)
     backbone_lr: float = 1e-5  # fine_tune with the image E_CR: the backbone's learning rate (the rest uses head.lr)
-    cr_features: str = "hidden"  # hidden (the layer below z) | output (z, the contrastive embedding)
+    cr_features: str = "hidden"  # hidden (the layer below z) | output (z, the contrastive embedding) | input (E_CR's input: the embedding)
     epochs: int = 30
     lr: float = 1e-4  # TMCR sec. 4.1
     lr_decay: float = 0.9
     weight_decay: float = 1e-4
     batch_size: int = 64
     tm_dim: int = 128
+    tm_whiten: bool = False  # PCA-whiten the standardised TM features (fit on the training rows)
     cr_dim: int = 128
     hidden: int = 256
     dropout: float = 0.2

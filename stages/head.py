@@ -8,7 +8,7 @@ from pathlib import Path
 from pipelines.io import DataError, load_torch, write_json
 from pipelines.heads.finetune import FineTuneConfig, finetune_images, finetune_loop, tuned_encoder
 from pipelines.ranking.backbone import cr_card
-from pipelines.ranking.encoder import LAYERS as CR_LAYERS
+from pipelines.heads.model import CR_INPUTS
 from pipelines.train.data import embedding_files, load_features
 from pipelines.heads.build import HEAD_LOSSES
 from pipelines.heads.train import HeadConfig, supervised_loop
@@ -28,7 +28,7 @@ def head_config(p, cr_spec: dict | None = None, root: Path = Path(".")) -> HeadC
     starts; the stages and Tune all build their config with it."""
     h = p.head
     for key, value, allowed in (("protocol", h.protocol, PROTOCOLS), ("loss", h.loss, HEAD_LOSSES),
-                                ("select_on", h.select_on, tuple(SELECT_ON)), ("cr_features", h.cr_features, CR_LAYERS)):
+                                ("select_on", h.select_on, tuple(SELECT_ON)), ("cr_features", h.cr_features, CR_INPUTS)):
         if value not in allowed:
             raise DataError(f"params.yaml: head.{key} = {value!r}; use one of {', '.join(allowed)}.")
     if h.use_cr and cr_spec is None:

@@ -23,7 +23,7 @@ def test_training_recipe_sets_only_head_keys_and_validates(tmp_path):
     assert set(recipe) == {"head"}
     apply_recipe("training/real_features", params, folder=ROOT / "config" / "recipes")
     p = load_params(params)
-    assert (p.head.lr, p.head.lr_decay, p.head.tfa, p.head.flsa) == (0.0003, 1.0, False, False)
+    assert (p.head.lr, p.head.lr_decay, p.head.tfa, p.head.flsa, p.head.cr_features, p.head.tm_dim) == (0.00072, 1.0, False, False, "input", 8)
     assert p.data == before.data and p.selftrain == before.selftrain  # nothing else moves
     assert before.head.tfa and before.head.lr == 0.0001  # params.yaml keeps the papers' settings
 

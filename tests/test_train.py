@@ -156,6 +156,29 @@ def test_head_on_hidden_cr_features_with_re_emd(workdir):
     assert srcc(pred, test.score) > 0.6
 
 
+def test_head_reads_the_embedding_and_whitens_tm_through_params(workdir):
+    """head.cr_features: input and head.tm_whiten reach the model from the head's params, and a
+    saved head rebuilds (``head_from_arch``) to the same predictions: what the stage and scoring do."""
+    state = run_training(pretrain_loop, pretrain_config(workdir), LOCAL, stage="pretrain", inputs=inputs(workdir))
+    torch.save(state, workdir / "cr.pt")
+    config = {
+        "features_path": str(workdir / "features.parquet"), "embeddings_path": str(workdir / "embeddings"), "cr_path": str(workdir / "cr.pt"),
+        "head": {**HEAD, "cr_features": "input", "tm_whiten": True}, "epochs": 3, "lr": 3e-3, "seed": 0,
+    }
+    head = run_training(supervised_loop, config, LOCAL, stage="head", inputs=inputs(workdir))
+    emb_dim = load_features(workdir / "features.parquet", workdir / "embeddings").emb.shape[1]
+    assert head["model"]["cr_proj.weight"].shape[1] == emb_dim  # the embedding itself, not an E_CR layer
+    white = head["model"]["tm_white"]
+    assert not torch.allclose(white, torch.eye(len(white)))  # fitted on the training rows
+    model = head_from_arch(head["arch"])
+    model.load_state_dict(head["model"])  # strict: the rebuilt head has the whitening buffer too
+    val = load_features(workdir / "features.parquet", workdir / "embeddings").split_of("val")
+    matcher = load_matcher(workdir / "features.parquet", workdir / "tags.parquet")
+    a = predict_logits(model, matcher, val.clip, val.emb)
+    model.tm_white.copy_(torch.eye(len(white)))
+    assert not np.allclose(a, predict_logits(model, matcher, val.clip, val.emb))  # the whitening is applied
+
+
 def test_head_loss_choice():
     from pipelines.heads.losses import emd_loss
     from pipelines.models.losses import re_emd_loss

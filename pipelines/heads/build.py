@@ -49,6 +49,7 @@ def head_from_arch(arch: dict) -> TMCRHead:
         arch["tm_in"], arch["n_levels"], cr, tm_dim=h["tm_dim"], cr_dim=h["cr_dim"], hidden=h["hidden"],
         dropout=h["dropout"], use_tm=h["use_tm"], use_cr=h["use_cr"], fine_tune=h["protocol"] == "fine_tune",
         cr_features=h.get("cr_features", "output"),  # models saved before the option: output
+        tm_whiten=h.get("tm_whiten", False),
     )
 
 
