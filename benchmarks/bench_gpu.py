@@ -267,7 +267,7 @@ def mnet_rows(b: Bench) -> None:
     from pipelines.config import as_dict, load_params
     from pipelines.models import build, loss_terms, make_optimizer, resolve
     from pipelines.models.amp import MixedPrecisionTrainer, PrecisionGate, low_dtype, monitor_dtype
-    from pipelines.train.precision import Speed, enable_tf32, prepare_module, to_device
+    from pipelines.train.precision import Speed, enable_tf32, prepare_module, to_device, use_fused
 
     a, dev, quick = b.args, b.dev, b.args.quick
     params = load_params(ROOT / "params.yaml").model
@@ -286,11 +286,12 @@ def mnet_rows(b: Bench) -> None:
     def loss_of(m, x):
         return loss_terms("mnet", m, m(x), y, opts, x)["loss"].float()
 
-    def run(mode: str, dtype_name: str, channels_last: bool) -> dict:
+    def run(mode: str, dtype_name: str, channels_last: bool, fused: bool = False) -> dict:
         torch.manual_seed(0)
-        speed = Speed(channels_last=channels_last)
+        speed = Speed(channels_last=channels_last, fused_optimizer=fused)
         model = prepare_module(build("mnet", 10, dict(opts)), dev, speed).train()
-        opt = make_optimizer(model.parameters(), resolve("mnet", "optimizer", params.optimizer), 1e-3, 0.0)
+        opt = make_optimizer(model.parameters(), resolve("mnet", "optimizer", params.optimizer), 1e-3, 0.0,
+                             fused=use_fused(speed, dev))  # model.fused_optimizer, as the family loop builds it
         x = to_device(x_cpu, dev, speed)
         low = low_dtype(dtype_name, dev)
         if mode == "plain autocast + GradScaler":
@@ -322,11 +323,13 @@ def mnet_rows(b: Bench) -> None:
         return {**got, "low_dtype": str(low), "overflow_steps": int(sum(overs)), "loss_scale_log2": tr.tau}
 
     fp16 = "fp16"  # the paper's mixed phase (model.amp.dtype auto = fp16 on CUDA)
-    plan = [("fp32 phase", fp16, False), ("mixed", fp16, False), ("mixed", fp16, True), ("plain autocast + GradScaler", fp16, False)]
+    plan = [("fp32 phase", fp16, False, False), ("mixed", fp16, False, False), ("mixed", fp16, True, False),
+            ("mixed", fp16, True, True), ("plain autocast + GradScaler", fp16, False, False)]
     if dev.type != "cuda":
-        plan.insert(1, ("mixed", "auto", False))  # the CPU stand-in (fp32 arithmetic, fp16 monitor)
-    for mode, dtype_name, cl in plan:
-        b.row(functools.partial(run, mode, dtype_name, cl), part="mnet_step", mode=mode, amp_dtype=dtype_name, channels_last=cl,
+        plan.insert(1, ("mixed", "auto", False, False))  # the CPU stand-in (fp32 arithmetic, fp16 monitor)
+    for mode, dtype_name, cl, fused in plan:
+        b.row(functools.partial(run, mode, dtype_name, cl, fused), part="mnet_step", mode=mode, amp_dtype=dtype_name,
+              channels_last=cl, fused_adam=fused and dev.type == "cuda",
               size=size, batch=batch, steps=steps, branch_blocks=opts["branch_blocks"])
 
     def gate_run() -> dict:

@@ -280,6 +280,7 @@ class ModelParams:
     stage3_epochs: int = 1  # three_stage: last epochs back at image_size
     loader_workers: int = 2  # decode processes per Ray worker
     channels_last: bool = True  # CUDA only: NHWC convolutions
+    fused_optimizer: bool = True  # CUDA only: the fused Adam / SGD kernel
     amp: AmpParams = field(default_factory=AmpParams)
     mnet: MnetParams = field(default_factory=MnetParams)
     aesaf: AesafParams = field(default_factory=AesafParams)

@@ -140,3 +140,15 @@ def test_gpu_decode_without_a_gpu_names_the_key():
         check_decode("nvjpeg", CUDA, key="pretrain.image.decode")
     check_decode("gpu", CUDA, key="pretrain.image.decode")
     check_decode("cpu", CPU, key="pretrain.image.decode")
+
+
+def test_fused_optimizers_are_for_cuda_and_reach_the_family_optimizer():
+    from pipelines.models import make_optimizer
+    from pipelines.train.precision import use_fused
+
+    assert use_fused(Speed(fused_optimizer=True), CUDA) and not use_fused(Speed(fused_optimizer=True), CPU)
+    assert not use_fused(Speed(fused_optimizer=False), CUDA)
+    w = [torch.nn.Parameter(torch.zeros(2))]
+    for name in ("adam", "sgd"):
+        assert make_optimizer(w, name, 1e-3, fused=True).defaults["fused"]
+        assert not make_optimizer(w, name, 1e-3).defaults.get("fused")

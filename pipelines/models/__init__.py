@@ -83,12 +83,14 @@ def resolve(name: str, key: str, value: str) -> str:
 
 
 def make_optimizer(params: Iterable[nn.Parameter], name: str, lr: float, weight_decay: float = 0.0,
-                   momentum: float = 0.9) -> torch.optim.Optimizer:
-    """``adam`` or ``sgd`` (with ``momentum``), as ``model.optimizer`` names it (resolved)."""
+                   momentum: float = 0.9, fused: bool = False) -> torch.optim.Optimizer:
+    """``adam`` or ``sgd`` (with ``momentum``), as ``model.optimizer`` names it (resolved);
+    ``fused``: the fused CUDA kernel (parameters on a GPU; ``model.fused_optimizer``)."""
+    extra = {"fused": True} if fused else {}
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, **extra)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, **extra)
     raise DataError(f"model.optimizer = {name!r}; use auto, {' or '.join(OPTIMIZERS)}.")
 
 

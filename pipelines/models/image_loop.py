@@ -47,7 +47,7 @@ from pipelines.models import build, loss_terms, make_optimizer, resolve
 from pipelines.models.amp import MixedPrecisionTrainer, PrecisionGate, low_dtype, monitor_dtype
 from pipelines.models.augment import augment, crop_source, crops_in, pad_box
 from pipelines.train.core import Context, FitOptions, fit, method_config
-from pipelines.train.precision import check_speed, enable_tf32, prepare_module, speed_of
+from pipelines.train.precision import check_speed, enable_tf32, prepare_module, speed_of, use_fused
 
 CORNER_GRID_MODES = ("off", "always", "with_mixed")
 SCHEDULES = ("single", "three_stage")
@@ -167,7 +167,8 @@ class FamilyTraining:
         check_speed(self.speed, device, key="model")
         enable_tf32(device)
         self.model = prepare_module(build(m.family, n_levels, self.options), device, self.speed)
-        self.opt = make_optimizer(self.model.parameters(), resolve(m.family, "optimizer", m.optimizer), m.lr, m.weight_decay, m.momentum)
+        self.opt = make_optimizer(self.model.parameters(), resolve(m.family, "optimizer", m.optimizer), m.lr, m.weight_decay, m.momentum,
+                                  fused=use_fused(self.speed, device))
         a = m.amp
         self.gate = PrecisionGate(l1=a.l1, l2=a.l2, window=a.window, enabled=a.enabled)
         low = low_dtype(a.dtype, device)

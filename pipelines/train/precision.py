@@ -128,10 +128,14 @@ def compile_problem(device: torch.device) -> str | None:
     return None
 
 
+def use_fused(speed: Speed, device: torch.device | str) -> bool:
+    """Whether an optimizer on ``device`` takes the fused CUDA kernel: asked for, and on a GPU."""
+    return speed.fused_optimizer and torch.device(device).type == "cuda"
+
+
 def optimizer(groups, *, lr: float, weight_decay: float, device: torch.device, speed: Speed) -> torch.optim.Optimizer:
     """AdamW over ``groups``: the fused CUDA kernel when the parameters are on a GPU and ``speed`` asks for it."""
-    fused = speed.fused_optimizer and torch.device(device).type == "cuda"
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else {}))
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, **({"fused": True} if use_fused(speed, device) else {}))
 
 
 def prepare_module(model: torch.nn.Module, device: torch.device, speed: Speed) -> torch.nn.Module:
