@@ -52,7 +52,6 @@ def dag_repo(tmp_path_factory):
     cleanup(dag)
 
 
-
 # The test files that read the session's tiny DAG (``dag_repo``). Under pytest-xdist they are one
 # unit of work, run by one worker, so the DAG is built once; a test of another file that reads it fails.
 DAG_FILES = frozenset({"test_e2e.py", "test_embed.py", "test_fault_tolerance.py", "test_reproduce.py", "test_secrets.py"})

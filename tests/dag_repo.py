@@ -1,6 +1,7 @@
 """One tiny DAG in a temporary git + DVC repo, built once per test session (``dag_repo`` in
 conftest.py) for the slow tests that run experiments on a copy of it (test_e2e), rerun its
-stages (test_fault_tolerance, test_embed) or search it (test_secrets).
+stages (test_fault_tolerance, test_embed, test_reproduce) or search it (test_secrets): the files
+of ``DAG_FILES`` in conftest.py, which pytest-xdist runs on one worker.
 
 It is built the way a user with an LLM key exported would run it: ``dvc repro`` with
 ``OPENAI_API_KEY`` set in the environment of every stage, the tags stage in ``live`` mode
